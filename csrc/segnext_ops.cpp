@@ -1,0 +1,43 @@
+// Op schemas of the `segnext` namespace and the Python module `segnext_kernels._C`.
+//
+// Every C++ op is declared here, once; each kernel file registers its CPU (or CUDA)
+// implementation with TORCH_LIBRARY_IMPL. Fakes and autograd live in Python
+// (segnext_kernels/ops.py), as in extension-cpp.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "build_config.h"
+
+TORCH_LIBRARY(segnext, m) {
+  // Depthwise 1xk / kx1 convolution with bias, 'same' zero padding.
+  m.def("strip_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Fused MSCA (csrc/cpu/msca_cpu.cpp, csrc/cuda/msca_cuda*.{cu,cpp}); weights in the order of
+  // segnext_kernels.msca.reference.MSCAWeights. msca_bwd returns [grad_u, 16 weight grads].
+  m.def("msca_fwd(Tensor u, Tensor w0, Tensor b0, Tensor w0_1, Tensor b0_1, Tensor w0_2, "
+        "Tensor b0_2, Tensor w1_1, Tensor b1_1, Tensor w1_2, Tensor b1_2, Tensor w2_1, "
+        "Tensor b2_1, Tensor w2_2, Tensor b2_2, Tensor w3, Tensor b3) -> Tensor");
+  m.def("msca_bwd(Tensor grad, Tensor u, Tensor w0, Tensor b0, Tensor w0_1, Tensor b0_1, "
+        "Tensor w0_2, Tensor b0_2, Tensor w1_1, Tensor b1_1, Tensor w1_2, Tensor b1_2, "
+        "Tensor w2_1, Tensor b2_1, Tensor w2_2, Tensor b2_2, Tensor w3, Tensor b3) -> Tensor[]");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "segnext-kernels compiled extension: registers the torch.ops.segnext CPU/CUDA kernels";
+  m.def("build_info", []() {
+    py::dict info;
+    info["with_cuda"] = SEGNEXT_WITH_CUDA != 0;
+    info["cuda_archs"] = std::string(SEGNEXT_CUDA_ARCHS);
+    info["torch_version"] = std::string(SEGNEXT_TORCH_VERSION);
+    info["compiler"] = std::string(SEGNEXT_COMPILER);
+    info["cxx_flags"] = std::string(SEGNEXT_CXX_FLAGS);
+    info["build_type"] = std::string(SEGNEXT_BUILD_TYPE);
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}

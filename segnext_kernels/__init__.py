@@ -1,0 +1,24 @@
+"""segnext-kernels: fused MSCA and NMF2D kernels for SegNeXt.
+
+Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``strip_conv``, the references
+(``msca_ref``, ``nmf_decompose_ref``), and backend selection (``available_backends``,
+``use_backend``, ``set_backend``, ``get_backend``).
+"""
+from . import _extension
+from .backends import available_backends, get_backend, op_backends, set_backend, use_backend
+from .msca import MSCA, MSCAWeights, msca, msca_ref
+from .nmf import NMF2D, draw_bases, nmf2d, nmf_decompose_ref
+from .strip_conv import strip_conv, strip_conv_ref
+from . import ops  # noqa: F401  (registers the torch.library ops)
+
+__version__ = "0.1.0"
+
+_extension.warn_once()
+
+__all__ = [
+    "MSCA", "MSCAWeights", "msca", "msca_ref",
+    "NMF2D", "nmf2d", "nmf_decompose_ref", "draw_bases",
+    "strip_conv", "strip_conv_ref",
+    "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
+    "__version__",
+]

@@ -1,0 +1,56 @@
+"""``msca(u, *weights)``: validate, pick the backend, run the fused op or the reference."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._validate import check_same, check_tensor, memory_format_of
+from .reference import MSCAWeights, msca_ref, weight_shapes
+
+
+def _check(u: Tensor, weights) -> None:
+    check_tensor("u", u, dim=4)
+    if len(weights) != 16:
+        raise ValueError(f"msca expects 16 weight and bias tensors after u "
+                         f"({', '.join(MSCAWeights._fields)}), got {len(weights)}")
+    C = u.shape[1]
+    for name, w, shape in zip(MSCAWeights._fields, weights, weight_shapes(C)):
+        check_tensor(name, w)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for u with {C} channels "
+                             f"(u has shape {tuple(u.shape)}), got {tuple(w.shape)}")
+    check_same("u", u, list(zip(MSCAWeights._fields, weights)))
+    if u.numel() == 0:
+        raise ValueError(f"u must not be empty, got shape {tuple(u.shape)}")
+
+
+def _autocast(u: Tensor, weights):
+    """Under autocast, compute as conv2d would: u and weights in the autocast dtype."""
+    dev = u.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return u.to(dt), [w.to(dt) for w in weights]
+    return u, list(weights)
+
+
+def msca(u: Tensor, *weights: Tensor, backend: str | None = None) -> Tensor:
+    """Multi-scale convolutional attention, fused.
+
+    ``u``: (B, C, H, W), float32/float16/bfloat16 (float64 on the reference and cpu backends),
+    contiguous or channels_last. ``weights``: the 16 tensors of MSCAWeights (official shapes).
+    Returns ``conv3(a + B7(a) + B11(a) + B21(a)) * u`` in ``u``'s dtype and memory format.
+    ``backend`` overrides the selected one for this call.
+    """
+    u, weights = _autocast(u, weights)
+    _check(u, weights)
+    name = backends.resolve("msca", u.device) if backend is None else backend
+    if name == "reference":
+        return msca_ref(u, *weights)
+    if u.dtype == torch.float64 and name == "triton":
+        return msca_ref(u, *weights)  # Triton kernels have no float64 path
+    from ..ops import msca_fused
+    u = u.contiguous(memory_format=memory_format_of(u))
+    return msca_fused(u, [w.contiguous() for w in weights], name)
+
+

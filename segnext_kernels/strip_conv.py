@@ -1,0 +1,41 @@
+"""Depthwise strip convolution (1×k or k×1, 'same' padding, with bias): reference and _C op."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from ._validate import check_same, check_tensor, memory_format_of
+
+
+def strip_conv_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    kh, kw = weight.shape[-2:]
+    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+
+def strip_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+               backend: str | None = None) -> Tensor:
+    """Depthwise 1×k / k×1 convolution of ``x`` (B, C, H, W) with ``weight`` (C, 1, kh, kw),
+    odd k, zero padding k//2 (output the size of the input). Forward only in ``_C``."""
+    check_tensor("x", x, dim=4)
+    check_tensor("weight", weight, dim=4)
+    C = x.shape[1]
+    kh, kw = weight.shape[-2:]
+    if weight.shape[:2] != (C, 1) or min(kh, kw) != 1 or max(kh, kw) % 2 == 0:
+        raise ValueError(f"weight must have shape (C, 1, 1, k) or (C, 1, k, 1) with C={C} and odd k, "
+                         f"got {tuple(weight.shape)}")
+    named = [("weight", weight)]
+    if bias is not None:
+        check_tensor("bias", bias, dim=1)
+        if bias.shape[0] != C:
+            raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    check_same("x", x, named)
+    name = backends.resolve("strip_conv", x.device) if backend is None else backend
+    if name != "cpu" or x.requires_grad or weight.requires_grad or \
+            (bias is not None and bias.requires_grad):
+        return strip_conv_ref(x, weight, bias)
+    x = x.contiguous(memory_format=memory_format_of(x))
+    return torch.ops.segnext.strip_conv(x, weight.contiguous(),
+                                        None if bias is None else bias.contiguous())
