@@ -42,6 +42,7 @@ def msca(u: Tensor, *weights: Tensor, backend: str | None = None) -> Tensor:
     Returns ``conv3(a + B7(a) + B11(a) + B21(a)) * u`` in ``u``'s dtype and memory format.
     ``backend`` overrides the selected one for this call.
     """
+    check_tensor("u", u, dim=4)
     u, weights = _autocast(u, weights)
     _check(u, weights)
     name = backends.resolve("msca", u.device) if backend is None else backend

@@ -1,0 +1,167 @@
+"""NMF2D reference: against a step-by-step transcription of the official algorithm, gradcheck in
+both gradient modes, module behaviour, reproducibility and input validation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segnext_kernels as sk
+
+
+def official_nmf2d(x, bases, S, steps, inv_t=1.0):
+    """Transcription of mmseg's Matrix_Decomposition_2D_Base.forward + NMF2D (§4.2), bases given."""
+    B, C, H, W = x.shape
+    D = C // S
+    N = H * W
+    x = x.view(B * S, D, N)
+    coef = torch.bmm(x.transpose(1, 2), bases)
+    coef = F.softmax(inv_t * coef, dim=-1)
+    for _ in range(steps):  # local_step
+        numerator = torch.bmm(x.transpose(1, 2), bases)
+        denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
+        coef = coef * numerator / (denominator + 1e-6)
+        numerator = torch.bmm(x, coef)
+        denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))
+        bases = bases * numerator / (denominator + 1e-6)
+    numerator = torch.bmm(x.transpose(1, 2), bases)  # compute_coef
+    denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
+    coef = coef * numerator / (denominator + 1e-6)
+    x = torch.bmm(bases, coef.transpose(1, 2))
+    return x.view(B, C, H, W)
+
+
+@pytest.mark.parametrize("B,C,H,W,S,R,steps", [(2, 16, 5, 7, 1, 4, 6), (1, 12, 3, 3, 2, 5, 7),
+                                               (2, 8, 1, 1, 1, 3, 1), (1, 6, 4, 4, 3, 2, 0)])
+def test_matches_official_transcription(B, C, H, W, S, R, steps):
+    x = torch.rand(B, C, H, W, dtype=torch.float64) * 3
+    bases = sk.draw_bases(B * S, C // S, R, device="cpu", dtype=torch.float64)
+    with sk.use_backend("reference"):
+        out = sk.nmf2d(x, R=R, steps=steps, S=S, bases=bases)
+    torch.testing.assert_close(out, official_nmf2d(x, bases, S, steps), rtol=1e-12, atol=1e-12)
+
+
+def test_bases_are_normalised_columns():
+    b = sk.draw_bases(3, 10, 4, device="cpu")
+    assert b.min() >= 0
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(3, 4))
+
+
+def test_gradcheck_unrolled():
+    x = (torch.rand(1, 4, 3, 2, dtype=torch.float64) + 0.1).requires_grad_()
+    bases = sk.draw_bases(2, 2, 2, device="cpu", dtype=torch.float64)
+    fn = lambda x: sk.nmf2d(x, R=2, steps=2, S=2, bases=bases, grad="unrolled", backend="reference")
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_one_step_gradient_is_that_of_the_last_update_with_frozen_state():
+    """one_step differentiates g(x) = B* coef_update(x, B*, C*)ᵀ with the iterated bases B* and
+    coef C* held constant (HamNet's one-step gradient): gradcheck g, then compare."""
+    from segnext_kernels.nmf.reference import coef_update, nmf_iterate
+    x = (torch.rand(1, 4, 3, 2, dtype=torch.float64) + 0.1).requires_grad_()
+    bases = sk.draw_bases(1, 4, 2, device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        b_star, c_star = nmf_iterate(x.reshape(1, 4, 6), bases, 2, 1e-6, 1.0)
+
+    def g(x):
+        X = x.reshape(1, 4, 6)
+        return torch.bmm(b_star, coef_update(X, b_star, c_star, 1e-6).transpose(1, 2)).reshape(x.shape)
+
+    assert torch.autograd.gradcheck(g, (x,))
+    w = torch.randn(1, 4, 3, 2, dtype=torch.float64)
+    out = sk.nmf2d(x, R=2, steps=2, bases=bases, grad="one_step", backend="reference")
+    torch.testing.assert_close(out, g(x))
+    got, = torch.autograd.grad((out * w).sum(), x)
+    want, = torch.autograd.grad((g(x) * w).sum(), x)
+    torch.testing.assert_close(got, want)
+
+
+def test_gradcheck_unrolled_wrt_bases():
+    x = torch.rand(1, 4, 2, 3, dtype=torch.float64) + 0.1
+    bases = sk.draw_bases(1, 4, 2, device="cpu", dtype=torch.float64).requires_grad_()
+    fn = lambda b: sk.nmf2d(x, R=2, steps=2, bases=b, grad="unrolled", backend="reference")
+    assert torch.autograd.gradcheck(fn, (bases,))
+
+
+def test_one_step_forward_equals_unrolled_and_gradients_differ():
+    x = (torch.rand(2, 8, 4, 4, dtype=torch.float64) + 0.1).requires_grad_()
+    bases = sk.draw_bases(2, 8, 3, device="cpu", dtype=torch.float64)
+    a = sk.nmf2d(x, R=3, steps=3, bases=bases, grad="unrolled", backend="reference")
+    b = sk.nmf2d(x, R=3, steps=3, bases=bases, grad="one_step", backend="reference")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ga, = torch.autograd.grad(a.sum(), x)
+    gb, = torch.autograd.grad(b.sum(), x)
+    assert not torch.allclose(ga, gb)  # one_step drops the path through the iterations
+
+
+def test_generator_reproducible_and_fresh_bases_per_call():
+    x = torch.rand(2, 8, 4, 4)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sk.nmf2d(x, R=4, steps=2, generator=g1)
+    b = sk.nmf2d(x, R=4, steps=2, generator=g2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c = sk.nmf2d(x, R=4, steps=2, generator=g1)  # next draw of the same generator
+    assert not torch.equal(a, c)
+
+
+def test_per_sample_bases():
+    """Two identical samples in one batch get different bases (drawn per sample)."""
+    x1 = torch.rand(1, 8, 4, 4)
+    out = sk.nmf2d(torch.cat([x1, x1]), R=4, steps=1)
+    assert not torch.equal(out[0], out[1])
+
+
+def test_module_steps_follow_training_mode():
+    x = torch.rand(1, 8, 3, 3, dtype=torch.float64)
+    bases = sk.draw_bases(1, 8, 2, device="cpu", dtype=torch.float64)
+    m = sk.NMF2D(R=2)
+    assert m(x, bases=bases).shape == x.shape
+    torch.testing.assert_close(m.train()(x, bases=bases), official_nmf2d(x, bases, 1, 6))
+    torch.testing.assert_close(m.eval()(x, bases=bases), official_nmf2d(x, bases, 1, 7))
+    assert len(m.state_dict()) == 0
+
+
+def test_half_input_computes_in_float32():
+    x = torch.rand(1, 8, 4, 4, dtype=torch.float16) * 50
+    bases = sk.draw_bases(1, 8, 4, device="cpu")
+    out = sk.nmf2d(x, R=4, steps=7, bases=bases)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    ref = official_nmf2d(x.double(), bases.double(), 1, 7)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_autocast_keeps_float32():
+    x = torch.rand(1, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sk.nmf2d(x, R=4, steps=2)
+    assert out.dtype == torch.float32
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_rejects_channels_not_divisible_by_S():
+    with pytest.raises(ValueError, match="C=10 of x must be divisible by S=3"):
+        sk.nmf2d(torch.rand(1, 10, 4, 4), R=2, steps=1, S=3)
+
+
+def test_rejects_negative_input():
+    with pytest.raises(ValueError, match="x must be non-negative"):
+        sk.nmf2d(torch.randn(1, 8, 4, 4), R=2, steps=1)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(R=0), "R must be an int >= 1"),
+                                    (dict(steps=-1), "steps must be an int >= 0"),
+                                    (dict(eps=float("nan")), "eps must be a finite float > 0"),
+                                    (dict(eps=0.0), "eps must be a finite float > 0"),
+                                    (dict(inv_t=float("inf")), "inv_t must be a finite float"),
+                                    (dict(grad="exact"), "grad must be one of")])
+def test_rejects_bad_arguments(kw, msg):
+    args = dict(R=2, steps=1)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        sk.nmf2d(torch.rand(1, 8, 4, 4), **args)
+
+
+def test_rejects_bad_bases_shape_and_rank():
+    with pytest.raises(ValueError, match=r"bases must have shape \(B\*S, D, R\) = \(1, 8, 2\)"):
+        sk.nmf2d(torch.rand(1, 8, 4, 4), R=2, steps=1, bases=torch.rand(1, 8, 3))
+    with pytest.raises(ValueError, match="x must be a 4-D tensor"):
+        sk.nmf2d(torch.rand(8, 4, 4), R=2, steps=1)
