@@ -8,6 +8,7 @@ from . import _extension
 from .backends import available_backends, get_backend, op_backends, set_backend, use_backend
 from .msca import MSCA, MSCAWeights, msca, msca_ref
 from .nmf import NMF2D, draw_bases, nmf2d, nmf_decompose_ref
+from .patch import patch, unpatch
 from .strip_conv import strip_conv, strip_conv_ref
 from . import ops  # noqa: F401  (registers the torch.library ops)
 
@@ -18,7 +19,7 @@ _extension.warn_once()
 __all__ = [
     "MSCA", "MSCAWeights", "msca", "msca_ref",
     "NMF2D", "nmf2d", "nmf_decompose_ref", "draw_bases",
-    "strip_conv", "strip_conv_ref",
+    "strip_conv", "strip_conv_ref", "patch", "unpatch",
     "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
     "__version__",
 ]

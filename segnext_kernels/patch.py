@@ -1,0 +1,115 @@
+"""``patch(model)``: swap every MSCA-shaped module and every NMF2D of any model for ours.
+
+A module is "structurally an MSCA" when it has the official AttentionModule / MSCAAttention
+attribute layout: depthwise ``nn.Conv2d`` children ``conv0`` (5×5), ``conv0_1``/``conv0_2``
+(1×7, 7×1), ``conv1_1``/``conv1_2`` (1×11, 11×1), ``conv2_1``/``conv2_2`` (1×21, 21×1) with
+bias, 'same' padding, stride 1, and a dense 1×1 ``conv3`` with bias. The replacement adopts the
+same ``nn.Conv2d`` children, so parameters stay the very same objects (an optimizer built before
+patching keeps working), with their device, dtype and ``requires_grad``; training mode is kept.
+
+An NMF2D is a module whose class is named ``NMF2D`` with the attributes of the official
+``_MatrixDecomposition2DBase`` (S, R, train_steps, eval_steps, inv_t) and random bases
+(``rand_init`` true or absent). ``unpatch(model)`` puts the original modules back.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+from torch import nn
+
+from .msca.module import MSCA
+from .msca.reference import DW_CONVS
+from .nmf.module import NMF2D
+
+
+class Replacement(NamedTuple):
+    name: str       # qualified name of the module in the model
+    original: str   # class name of what was there
+    new: str        # class name of what is there now
+
+
+def _is_msca_like(m: nn.Module) -> bool:
+    if isinstance(m, MSCA):
+        return False
+    conv3 = getattr(m, "conv3", None)
+    if not isinstance(conv3, nn.Conv2d):
+        return False
+    C = conv3.in_channels
+    if conv3.out_channels != C or conv3.kernel_size != (1, 1) or conv3.groups != 1 or conv3.bias is None:
+        return False
+    for name, (kh, kw) in DW_CONVS:
+        conv = getattr(m, name, None)
+        if not isinstance(conv, nn.Conv2d):
+            return False
+        if (conv.in_channels, conv.out_channels, conv.groups) != (C, C, C) or conv.bias is None:
+            return False
+        if conv.kernel_size != (kh, kw) or conv.padding != (kh // 2, kw // 2):
+            return False
+        if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            return False
+    return True
+
+
+def _is_nmf2d_like(m: nn.Module) -> bool:
+    if isinstance(m, NMF2D) or type(m).__name__ != "NMF2D":
+        return False
+    needed = ("S", "R", "train_steps", "eval_steps", "inv_t")
+    return all(hasattr(m, a) for a in needed) and bool(getattr(m, "rand_init", True))
+
+
+def _adopt_msca(old: nn.Module) -> MSCA:
+    new = MSCA.__new__(MSCA)
+    nn.Module.__init__(new)
+    new.channels = old.conv3.in_channels
+    for name, _ in DW_CONVS + (("conv3", None),):
+        setattr(new, name, getattr(old, name))
+    new.train(old.training)
+    object.__setattr__(new, "_segnext_original", old)  # not a submodule: no duplicate keys
+    return new
+
+
+def _adopt_nmf2d(old: nn.Module, grad: str) -> NMF2D:
+    new = NMF2D(S=int(old.S), R=int(old.R), train_steps=int(old.train_steps),
+                eval_steps=int(old.eval_steps), inv_t=float(old.inv_t), grad=grad)
+    new.train(old.training)
+    object.__setattr__(new, "_segnext_original", old)  # not a submodule: no duplicate keys
+    return new
+
+
+def _swap(model: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def patch(model: nn.Module, *, msca: bool = True, nmf: bool = True,
+          nmf_grad: str = "unrolled") -> List[Replacement]:
+    """Replace MSCA-shaped modules and NMF2D modules of ``model`` in place; returns what changed.
+
+    ``nmf_grad`` picks the gradient mode of the replacement NMF2D ("unrolled" matches the
+    official training). The model itself, when it is such a module, cannot be replaced in place:
+    wrap it, or use the returned module of ``MSCA``/``NMF2D`` directly.
+    """
+    done: List[Replacement] = []
+    for name, m in list(model.named_modules()):
+        if not name:
+            continue
+        if msca and _is_msca_like(m):
+            _swap(model, name, _adopt_msca(m))
+            done.append(Replacement(name, type(m).__name__, "MSCA"))
+        elif nmf and _is_nmf2d_like(m):
+            _swap(model, name, _adopt_nmf2d(m, nmf_grad))
+            done.append(Replacement(name, type(m).__name__, "NMF2D"))
+    return done
+
+
+def unpatch(model: nn.Module) -> List[Replacement]:
+    """Put back every module that ``patch`` replaced; returns what changed."""
+    done: List[Replacement] = []
+    for name, m in list(model.named_modules()):
+        original = getattr(m, "_segnext_original", None)
+        if name and original is not None:
+            original.train(m.training)
+            _swap(model, name, original)
+            done.append(Replacement(name, type(m).__name__, type(original).__name__))
+    return done

@@ -1,0 +1,122 @@
+"""patch()/unpatch() on a model written independently of ours, with the official attribute names."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segnext_kernels as sk
+
+
+class AttentionModule(nn.Module):
+    """The official MSCA (SegNeXt's mscan.py), written out independently."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.conv0_1 = nn.Conv2d(dim, dim, (1, 7), padding=(0, 3), groups=dim)
+        self.conv0_2 = nn.Conv2d(dim, dim, (7, 1), padding=(3, 0), groups=dim)
+        self.conv1_1 = nn.Conv2d(dim, dim, (1, 11), padding=(0, 5), groups=dim)
+        self.conv1_2 = nn.Conv2d(dim, dim, (11, 1), padding=(5, 0), groups=dim)
+        self.conv2_1 = nn.Conv2d(dim, dim, (1, 21), padding=(0, 10), groups=dim)
+        self.conv2_2 = nn.Conv2d(dim, dim, (21, 1), padding=(10, 0), groups=dim)
+        self.conv3 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        u = x.clone()
+        attn = self.conv0(x)
+        attn_0 = self.conv0_2(self.conv0_1(attn))
+        attn_1 = self.conv1_2(self.conv1_1(attn))
+        attn_2 = self.conv2_2(self.conv2_1(attn))
+        attn = attn + attn_0 + attn_1 + attn_2
+        return self.conv3(attn) * u
+
+
+class NMF2D(nn.Module):
+    """mmseg 1.x's NMF2D, written out independently (rand_init, spatial)."""
+
+    def __init__(self, S=1, R=8, train_steps=6, eval_steps=7, inv_t=100, rand_init=True):
+        super().__init__()
+        self.S, self.R, self.train_steps, self.eval_steps = S, R, train_steps, eval_steps
+        self.inv_t, self.rand_init = 1, rand_init  # NMF2D overrides inv_t to 1
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        D = C // self.S
+        x = x.view(B * self.S, D, H * W)
+        bases = F.normalize(torch.rand((B * self.S, D, self.R), device=x.device), dim=1)
+        coef = F.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)
+        steps = self.train_steps if self.training else self.eval_steps
+        for _ in range(steps):
+            coef = coef * torch.bmm(x.transpose(1, 2), bases) / (coef.bmm(bases.transpose(1, 2).bmm(bases)) + 1e-6)
+            bases = bases * torch.bmm(x, coef) / (bases.bmm(coef.transpose(1, 2).bmm(coef)) + 1e-6)
+        coef = coef * torch.bmm(x.transpose(1, 2), bases) / (coef.bmm(bases.transpose(1, 2).bmm(bases)) + 1e-6)
+        return torch.bmm(bases, coef.transpose(1, 2)).view(B, C, H, W)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(nn.GELU(), AttentionModule(8))
+        self.attn = nn.ModuleDict({"spatial_gating_unit": AttentionModule(8)})
+        self.ham = NMF2D(R=4)
+        self.not_msca = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.attn["spatial_gating_unit"](self.blocks(self.stem(x)))
+        return self.ham(F.relu(x))
+
+
+def test_patch_swaps_keeps_weights_and_matches():
+    torch.manual_seed(0)
+    net = Net().train()
+    reference = copy.deepcopy(net)
+    params_before = {n: p for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    done = sk.patch(net)
+    assert sorted((r.name, r.new) for r in done) == [("attn.spatial_gating_unit", "MSCA"),
+                                                      ("blocks.1", "MSCA"), ("ham", "NMF2D")]
+    assert isinstance(net.blocks[1], sk.MSCA) and isinstance(net.ham, sk.NMF2D)
+    assert net.ham.R == 4 and net.ham.training and net.ham.inv_t == 1.0
+    # same parameter objects, same names: the optimizer and state_dict are untouched
+    assert {n: p for n, p in net.named_parameters()} == params_before
+    assert net.state_dict().keys() == reference.state_dict().keys()
+
+    x = torch.randn(2, 3, 9, 11)
+    torch.manual_seed(5)
+    want = reference(x)
+    torch.manual_seed(5)
+    got = net(x)  # the same random bases: ours draws them the same way
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    got.sum().backward()
+    opt.step()  # optimizer built before patching updates the patched model's parameters
+    assert not torch.equal(net.blocks[1].conv0.weight, reference.blocks[1].conv0.weight)
+
+
+def test_patch_keeps_device_dtype_mode():
+    net = Net().double().eval()
+    sk.patch(net)
+    m = net.blocks[1]
+    assert not m.training and m.conv0.weight.dtype == torch.float64
+    out = net(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+def test_unpatch_restores_originals():
+    net = Net()
+    sk.patch(net)
+    restored = sk.unpatch(net)
+    assert len(restored) == 3
+    assert type(net.blocks[1]) is AttentionModule and type(net.ham) is NMF2D
+    assert sk.unpatch(net) == []
+
+
+def test_non_matching_modules_are_left_alone():
+    m = AttentionModule(4)
+    m.conv2_1 = nn.Conv2d(4, 4, (1, 19), padding=(0, 9), groups=4)  # not the official kernel
+    net = nn.Sequential(m, NMF2D(rand_init=False))
+    assert sk.patch(net) == []
