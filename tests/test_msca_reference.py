@@ -141,6 +141,10 @@ def test_rejects_mixed_devices_meta():
 def test_module_rejects_bad_channels():
     with pytest.raises(ValueError, match="channels must be a positive int"):
         sk.MSCA(0)
+    with pytest.raises(ValueError, match="channels must be a positive int"):
+        sk.MSCA(True)
+    import numpy as np
+    assert sk.MSCA(np.int64(3)).channels == 3
 
 
 def test_autocast_runs_in_autocast_dtype():

@@ -145,6 +145,17 @@ def test_rejects_channels_not_divisible_by_S():
 def test_rejects_negative_input():
     with pytest.raises(ValueError, match="x must be non-negative"):
         sk.nmf2d(torch.randn(1, 8, 4, 4), R=2, steps=1)
+    x = torch.rand(1, 8, 4, 4)
+    x[0, 3, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="not NaN"):
+        sk.nmf2d(x, R=2, steps=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second generator device (CUDA)")
+def test_rejects_generator_on_another_device():
+    g = torch.Generator(device="cpu")
+    with pytest.raises(ValueError, match="generator is on cpu but x is on cuda"):
+        sk.nmf2d(torch.rand(1, 8, 4, 4, device="cuda"), R=2, steps=1, generator=g)
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(R=0), "R must be an int >= 1"),

@@ -1,6 +1,8 @@
 """``MSCA``: drop-in for the official AttentionModule / MSCAAttention (same parameter names)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -19,8 +21,9 @@ class MSCA(nn.Module):
 
     def __init__(self, channels: int, device=None, dtype=None):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
+        if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = int(channels)
         self.channels = channels
         kw = dict(device=device, dtype=dtype)
         for name, (kh, kw_) in DW_CONVS:

@@ -25,6 +25,14 @@ def _check_float(name: str, v, positive: bool) -> float:
     return float(v)
 
 
+def _should_check_values(x: Tensor) -> bool:
+    """The value check costs one reduction and, on a GPU, one sync: skipped where it cannot run
+    (torch.compile tracing, CUDA-graph capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = None,
           generator: torch.Generator | None = None, eps: float = 1e-6, inv_t: float = 1.0,
           grad: str = "unrolled", backend: str | None = None) -> Tensor:
@@ -51,8 +59,12 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     D, N = C // S, H * W
-    if not torch.compiler.is_compiling() and bool((x < 0).any()):
-        raise ValueError("x must be non-negative (NMF of a ReLU output); got negative entries")
+    if _should_check_values(x) and not bool((x >= 0).all()):  # also catches NaN
+        raise ValueError("x must be non-negative and not NaN (NMF of a ReLU output); "
+                         "got negative or NaN entries")
+    if generator is not None and generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
+                         "the bases are drawn on x's device")
 
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):

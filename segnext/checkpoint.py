@@ -1,0 +1,220 @@
+"""Loading official SegNeXt / MSCAN checkpoints (architecture reference §5).
+
+Accepted, in any combination:
+- a path (or file object) given to ``torch.load(map_location="cpu", weights_only=True)``, or an
+  already loaded mapping;
+- the weights at the top level or nested under ``state_dict`` (mmcv/mmengine) or ``model``;
+- a ``module.`` prefix (a model saved inside DistributedDataParallel), stripped;
+- both key families: the original release's ``mlp.dwconv.dwconv.*`` and mmseg's
+  ``mlp.dwconv.*`` (mapped to the model's own names);
+- full-model checkpoints (``backbone.*`` / ``decode_head.*``) and backbone-only (ImageNet MSCAN,
+  no prefix) checkpoints.
+
+Which module is loaded, and what ``strict`` checks:
+- into a ``SegNeXt``: a full-model checkpoint is checked against the whole model; a backbone-only
+  checkpoint (no key starts with ``backbone.`` or ``decode_head.``) is loaded into
+  ``model.backbone`` and checked against the backbone only; the head keeps its initialisation
+  and is not reported missing.
+- into a bare ``MSCAN`` (or any module without ``backbone``/``decode_head``): a full-model
+  checkpoint gives its ``backbone.*`` entries; its ``decode_head.*`` / ``auxiliary_head.*``
+  entries are set aside (``ignored_keys``), not reported unexpected.
+
+``strict=True`` (the default) raises ``CheckpointMismatchError`` naming every missing,
+unexpected and shape-mismatched key, before anything is copied into the model. With
+``strict=False`` the matching entries are loaded and the rest is reported in the returned
+``LoadResult``. A missing BN ``num_batches_tracked`` (pre-1.0 PyTorch checkpoints) is not an
+error: PyTorch sets it to 0.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+FAMILIES = ("original", "mmseg")
+HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
+_WRAPPER_KEYS = ("state_dict", "model")
+_DDP_PREFIX = "module."
+Shape = Tuple[int, ...]
+
+# The one key difference between the families (§5.3), anchored so that it also matches
+# backbone-only keys such as "block1.0.mlp.dwconv.weight".
+_MMSEG_DWCONV = re.compile(r"(^|\.)mlp\.dwconv\.(weight|bias)$")
+_ORIGINAL_DWCONV = re.compile(r"(^|\.)mlp\.dwconv\.dwconv\.(weight|bias)$")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A strict load found missing, unexpected or shape-mismatched keys."""
+
+
+@dataclass
+class LoadResult:
+    """What ``load_checkpoint`` did.
+
+    ``target``: ``"model"`` or ``"backbone"`` (the module the entries went into). ``key_family``:
+    the checkpoint's dwconv naming (``"original"``, ``"mmseg"``, or None if it has no MLP keys).
+    ``mismatched_keys``: (key, checkpoint shape, model shape); those entries are not loaded.
+    ``ignored_keys``: head entries set aside when loading a full checkpoint into a backbone.
+    """
+    target: str
+    key_family: Optional[str]
+    missing_keys: List[str] = field(default_factory=list)
+    unexpected_keys: List[str] = field(default_factory=list)
+    mismatched_keys: List[Tuple[str, Shape, Shape]] = field(default_factory=list)
+    ignored_keys: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every model entry was loaded and every checkpoint entry was used."""
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys)
+
+
+def key_family(keys) -> Optional[str]:
+    """``"original"``, ``"mmseg"`` or None (no MLP depthwise-conv key among ``keys``)."""
+    keys = list(keys)
+    if any(_ORIGINAL_DWCONV.search(k) for k in keys):
+        return "original"
+    if any(_MMSEG_DWCONV.search(k) for k in keys):
+        return "mmseg"
+    return None
+
+
+def _rename(key: str, family: str) -> str:
+    if family == "original":
+        return _MMSEG_DWCONV.sub(r"\1mlp.dwconv.dwconv.\2", key)
+    return _ORIGINAL_DWCONV.sub(r"\1mlp.dwconv.\2", key)
+
+
+def convert_state_dict(state_dict: Mapping[str, Any],
+                       family: str = "mmseg") -> "OrderedDict[str, Any]":
+    """The same entries with the MLP depthwise-conv keys in ``family``'s naming:
+    ``"original"`` (``mlp.dwconv.dwconv.*``) or ``"mmseg"`` (``mlp.dwconv.*``). Other keys and
+    all values are kept as they are; works with and without the ``backbone.`` prefix."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return OrderedDict((_rename(k, family), v) for k, v in state_dict.items())
+
+
+def _read(checkpoint, weights_only: bool) -> Mapping:
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if not weights_only:
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"torch.load(weights_only=True) refused {checkpoint!r}: it holds objects other than "
+            f"tensors and plain containers (e.g. the meta or optimizer state of an mmengine "
+            f"training checkpoint). If you trust the file, pass weights_only=False. "
+            f"({first_line})") from exc
+    if not isinstance(loaded, Mapping):
+        raise TypeError(f"{checkpoint!r} holds a {type(loaded).__name__}, expected a state_dict "
+                        "(a mapping of names to tensors)")
+    return loaded
+
+
+def _unwrap(ckpt: Mapping) -> Mapping:
+    """The weights of an mmcv/mmengine-style checkpoint (``{"state_dict": ..., "meta": ...}``)."""
+    while True:
+        inner = next((ckpt[k] for k in _WRAPPER_KEYS
+                      if k in ckpt and isinstance(ckpt[k], Mapping)), None)
+        if inner is None:
+            return ckpt
+        ckpt = inner
+
+
+def _plain_state_dict(ckpt: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    state = OrderedDict()
+    for key, value in _unwrap(ckpt).items():
+        if not isinstance(key, str):
+            raise TypeError(f"checkpoint keys must be strings, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; "
+                            "expected a state_dict (possibly under 'state_dict' or 'model')")
+        if key.startswith(_DDP_PREFIX):
+            key = key[len(_DDP_PREFIX):]
+        state[key] = value
+    return state
+
+
+def _select_target(model: nn.Module, state: "OrderedDict[str, torch.Tensor]"):
+    """(module to load, its name, entries for it, entries set aside)."""
+    is_full = any(k.startswith("backbone.") or k.startswith(HEAD_PREFIXES) for k in state)
+    has_parts = isinstance(getattr(model, "backbone", None), nn.Module) and \
+        isinstance(getattr(model, "decode_head", None), nn.Module)
+    if has_parts:
+        if is_full:
+            return model, "model", state, []
+        return model.backbone, "backbone", state, []
+    if not is_full:
+        return model, "model", state, []
+    entries, ignored = OrderedDict(), []
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            entries[key[len("backbone."):]] = value
+        elif key.startswith(HEAD_PREFIXES):
+            ignored.append(key)
+        else:
+            entries[key] = value
+    return model, "model", entries, ignored
+
+
+def _list(title: str, items: List[str], limit: int = 40) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def _mismatch_message(result: LoadResult, target: nn.Module) -> str:
+    parts = [f"checkpoint does not match {type(target).__name__} "
+             f"(loading into {result.target}, checkpoint key family {result.key_family}):"]
+    if result.missing_keys:
+        parts.append(_list("missing in the checkpoint", result.missing_keys))
+    if result.unexpected_keys:
+        parts.append(_list("unexpected in the checkpoint", result.unexpected_keys))
+    if result.mismatched_keys:
+        parts.append(_list("shape mismatch (checkpoint vs model)",
+                           [f"{k}: {list(a)} vs {list(b)}" for k, a, b in result.mismatched_keys]))
+    parts.append("  (pass strict=False to load the matching entries and get this report back)")
+    return "\n".join(parts)
+
+
+def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True, *,
+                    weights_only: bool = True) -> LoadResult:
+    """Load a SegNeXt or MSCAN checkpoint into ``model`` (a ``SegNeXt`` or an ``MSCAN``).
+
+    ``checkpoint``: a path / file object (read with ``torch.load`` on the CPU, ``weights_only``
+    by default) or a mapping. See the module docstring for the accepted layouts and for what
+    ``strict`` checks. Returns a ``LoadResult``; with ``strict`` raises
+    ``CheckpointMismatchError`` listing the offending keys, leaving the model untouched.
+    """
+    state = _plain_state_dict(_read(checkpoint, weights_only))
+    family = key_family(state)
+    target, target_name, entries, ignored = _select_target(model, state)
+
+    expected = target.state_dict()
+    model_family = key_family(expected) or "original"
+    entries = convert_state_dict(entries, model_family)
+
+    result = LoadResult(target=target_name, key_family=family, ignored_keys=ignored)
+    result.missing_keys = [k for k in expected
+                           if k not in entries and not k.endswith("num_batches_tracked")]
+    result.unexpected_keys = [k for k in entries if k not in expected]
+    result.mismatched_keys = [(k, tuple(v.shape), tuple(expected[k].shape))
+                              for k, v in entries.items()
+                              if k in expected and v.shape != expected[k].shape]
+    if strict and not result.ok:
+        raise CheckpointMismatchError(_mismatch_message(result, target))
+
+    mismatched = {k for k, _, _ in result.mismatched_keys}
+    loadable = OrderedDict((k, v) for k, v in entries.items()
+                           if k in expected and k not in mismatched)
+    target.load_state_dict(loadable, strict=False)
+    return result

@@ -1,0 +1,118 @@
+"""LightHamHead: SegNeXt's decoder (architecture reference §3), with the official module names.
+
+Stages 2-4 are resized to the stride-8 size, concatenated, squeezed by a 1x1 conv, passed
+through the Hamburger (1x1 conv, ReLU, NMF2D, 1x1 conv, residual), aligned by a 1x1 conv and
+classified. The NMF runs ``segnext_kernels.NMF2D``, fused on the selected backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segnext_kernels import NMF2D
+
+GN_GROUPS = 32
+
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule for a 1x1 conv: ``conv`` then optional ``gn`` (GroupNorm 32) and ReLU.
+
+    As mmcv's ``bias='auto'``: the conv has a bias only when no norm follows it. Init: Kaiming
+    normal (fan_out, relu) for the conv, 1 and 0 for the norm.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=not norm)
+        self.gn = nn.GroupNorm(GN_GROUPS, out_channels) if norm else None
+        self.activate = nn.ReLU(inplace=True) if act else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        if self.gn is not None:
+            nn.init.ones_(self.gn.weight)
+            nn.init.zeros_(self.gn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.gn is not None:
+            x = self.gn(x)
+        if self.activate is not None:
+            x = self.activate(x)
+        return x
+
+
+class Hamburger(nn.Module):
+    """x -> ReLU(x + ham_out(NMF(ReLU(ham_in(x))))) (§3 step 5).
+
+    ``ham_in`` has a bias and no norm; ``ham_out`` has GN and no bias; ``ham`` has no state.
+    """
+
+    def __init__(self, channels: int, **nmf_kwargs):
+        super().__init__()
+        self.ham_in = ConvModule(channels, channels, norm=False, act=False)
+        self.ham = NMF2D(**nmf_kwargs)
+        self.ham_out = ConvModule(channels, channels, norm=True, act=False)
+
+    def forward(self, x: torch.Tensor, bases: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        enjoy = F.relu(self.ham_in(x), inplace=True)  # NMF needs a non-negative input
+        enjoy = self.ham_out(self.ham(enjoy, bases=bases, generator=generator))
+        return F.relu(x + enjoy, inplace=True)
+
+
+class LightHamHead(nn.Module):
+    """The decode head: takes the backbone's stage list, returns logits at the stride of
+    ``in_index[0]`` (stride 8).
+
+    ``nmf_kwargs`` are ``segnext_kernels.NMF2D`` arguments (``R``, ``train_steps``,
+    ``eval_steps``, ``grad``...). The official NMF always runs with inv_t 1, whatever the config
+    says, which is NMF2D's default.
+    """
+
+    def __init__(self, in_channels: Sequence[int] = (64, 160, 256),
+                 in_index: Sequence[int] = (1, 2, 3), channels: int = 256,
+                 ham_channels: int = 256, num_classes: int = 150, dropout_ratio: float = 0.1,
+                 align_corners: bool = False, nmf_kwargs: Optional[dict] = None):
+        super().__init__()
+        if len(in_channels) != len(in_index):
+            raise ValueError(f"in_channels {tuple(in_channels)} and in_index {tuple(in_index)} "
+                             "must have the same length")
+        self.in_channels = tuple(in_channels)
+        self.in_index = tuple(in_index)
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        self.squeeze = ConvModule(sum(in_channels), ham_channels)
+        self.hamburger = Hamburger(ham_channels, **(nmf_kwargs or {}))
+        self.align = ConvModule(ham_channels, channels)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """``conv_seg``: Normal(0, 0.01), bias 0 (BaseDecodeHead); ConvModules init themselves."""
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats: Sequence[torch.Tensor], bases: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``bases`` / ``generator`` go to the NMF: fixed (B, C, R) bases or a seeded generator
+        on the input's device make the output reproducible (the bases are otherwise drawn at
+        random on every call)."""
+        inputs = [feats[i] for i in self.in_index]
+        size = inputs[0].shape[2:]
+        inputs = [x if x.shape[2:] == size else
+                  F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+                  for x in inputs]
+        x = self.squeeze(torch.cat(inputs, dim=1))
+        x = self.hamburger(x, bases=bases, generator=generator)
+        x = self.align(x)
+        return self.conv_seg(self.dropout(x))

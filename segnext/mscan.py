@@ -1,0 +1,239 @@
+"""MSCAN: the SegNeXt encoder (architecture reference §1), with the official module names.
+
+Four stages; stage i is ``patch_embed{i}`` (a stride-2 conv embed; the stride-4 ``StemConv`` for
+stage 1), ``block{i}`` (a ModuleList of ``Block``) and ``norm{i}`` (an ``nn.LayerNorm`` over
+channels). The multi-scale attention of every block is ``segnext_kernels.MSCA``, so it runs the
+fused kernels of the selected backend. The MLP's depthwise conv sits in a ``DWConv`` wrapper, so
+the keys are ``mlp.dwconv.dwconv.*`` as in the original release; ``segnext.load_checkpoint``
+also accepts mmseg's ``mlp.dwconv.*``.
+
+Unlike the official code, maps stay in (B, C, H, W) between blocks; only the stage-end LayerNorm
+works on channels-last values. The arithmetic is the same.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from segnext_kernels import MSCA
+
+NormLayer = Callable[[int], nn.Module]
+
+# §2.1: embed_dims, depths and drop_path_rate per size; mlp_ratios is [8, 8, 4, 4] for all.
+MSCAN_SETTINGS: Dict[str, dict] = {
+    "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), drop_path_rate=0.1),
+    "s": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), drop_path_rate=0.1),
+    "b": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), drop_path_rate=0.1),
+    "l": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), drop_path_rate=0.3),
+}
+MLP_RATIOS = (8, 8, 4, 4)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Per-sample stochastic depth (mmcv's): zero whole samples, rescale the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    keep = (keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep_prob) * keep
+
+
+class DropPath(nn.Module):
+    """Stochastic depth of one residual branch, active in training only."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class StemConv(nn.Module):
+    """Stage-1 embed (``patch_embed1``): two stride-2 3x3 convs with norms, GELU between (§1.2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer):
+        super().__init__()
+        mid = out_channels // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 3, stride=2, padding=1),
+            norm_layer(mid),
+            nn.GELU(),
+            nn.Conv2d(mid, out_channels, 3, stride=2, padding=1),
+            norm_layer(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Stage 2-4 embed: stride-2 3x3 conv then a norm, no activation (§1.3)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer,
+                 patch_size: int = 3, stride: int = 2):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, patch_size, stride=stride,
+                              padding=patch_size // 2)
+        self.norm = norm_layer(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv in its own module: keys ``dwconv.dwconv.*`` as the original release."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    """fc1 (1x1) -> depthwise 3x3 -> GELU -> dropout -> fc2 (1x1) -> dropout (§1.7)."""
+
+    def __init__(self, channels: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.dwconv(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(x)))
+
+
+class SpatialAttention(nn.Module):
+    """proj_1 -> GELU -> MSCA -> proj_2, plus the sublayer's own shortcut (§1.5)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj_1 = nn.Conv2d(channels, channels, 1)
+        self.activation = nn.GELU()
+        self.spatial_gating_unit = MSCA(channels)
+        self.proj_2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x))))
+        return y + x
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += γ1·Attn(BN1 x); x += γ2·MLP(BN2 x), with stochastic depth (§1.4)."""
+
+    def __init__(self, channels: int, mlp_ratio: float, norm_layer: NormLayer,
+                 drop: float = 0.0, drop_path_rate: float = 0.0, layer_scale_init: float = 1e-2):
+        super().__init__()
+        self.norm1 = norm_layer(channels)
+        self.attn = SpatialAttention(channels)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(channels)
+        self.mlp = Mlp(channels, int(channels * mlp_ratio), drop)
+        self.layer_scale_1 = nn.Parameter(layer_scale_init * torch.ones(channels))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init * torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+        return x
+
+
+class MSCAN(nn.Module):
+    """The MSCAN encoder; ``forward`` returns the four stage maps (strides 4, 8, 16, 32).
+
+    ``norm_layer`` builds every BN-type norm from a channel count (``nn.BatchNorm2d`` by default,
+    as mmseg's configs; pass ``nn.SyncBatchNorm`` for the original configs: same keys). The
+    stage-end norms are always ``nn.LayerNorm``. Weights are initialised as MSCAN.init_weights
+    does without a pretrained checkpoint (§1.9).
+    """
+
+    def __init__(self, in_channels: int = 3, embed_dims: Sequence[int] = (32, 64, 160, 256),
+                 depths: Sequence[int] = (3, 3, 5, 2), mlp_ratios: Sequence[float] = MLP_RATIOS,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        if not (len(embed_dims) == len(depths) == len(mlp_ratios)):
+            raise ValueError(f"embed_dims, depths and mlp_ratios must have one entry per stage, "
+                             f"got {len(embed_dims)}, {len(depths)} and {len(mlp_ratios)}")
+        self.embed_dims = tuple(embed_dims)
+        self.depths = tuple(depths)
+        self.num_stages = len(depths)
+        # Linear ramp over all blocks in order; made on the CPU so that building under
+        # `with torch.device("meta")` still gives Python floats.
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        first = 0
+        for i in range(self.num_stages):
+            if i == 0:
+                embed = StemConv(in_channels, embed_dims[0], norm_layer)
+            else:
+                embed = OverlapPatchEmbed(embed_dims[i - 1], embed_dims[i], norm_layer)
+            blocks = nn.ModuleList(
+                Block(embed_dims[i], mlp_ratios[i], norm_layer, drop=drop_rate,
+                      drop_path_rate=rates[first + j])
+                for j in range(depths[i]))
+            first += depths[i]
+            setattr(self, f"patch_embed{i + 1}", embed)
+            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i]))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Conv2d: normal(0, sqrt(2 / fan_out)), bias 0; LayerNorm: 1, 0 (§1.9)."""
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs = []
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"patch_embed{i}")(x)
+            for block in getattr(self, f"block{i}"):
+                x = block(x)
+            # LayerNorm over channels of the (B, N, C) tokens = over the last dim channels-last.
+            # Its output is channels-last in memory: kept so for a channels_last model,
+            # made contiguous (as the official code) otherwise.
+            channels_last = not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last)
+            x = getattr(self, f"norm{i}")(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if not channels_last:
+                x = x.contiguous()
+            outs.append(x)
+        return outs
+
+
+def mscan(size: str, **kwargs) -> MSCAN:
+    """MSCAN-T/S/B/L with the official settings (§2.1); ``kwargs`` override them."""
+    settings = dict(MSCAN_SETTINGS[_size_key(size)], mlp_ratios=MLP_RATIOS)
+    settings.update(kwargs)
+    return MSCAN(**settings)
+
+
+_SIZE_ALIASES = {"t": "t", "tiny": "t", "s": "s", "small": "s", "b": "b", "base": "b",
+                 "l": "l", "large": "l"}
+
+
+def _size_key(size: str) -> str:
+    key = _SIZE_ALIASES.get(str(size).strip().lower()) if isinstance(size, str) else None
+    if key is None:
+        raise ValueError(f"size must be one of 't', 's', 'b', 'l' (or 'tiny', 'small', 'base', "
+                         f"'large'), got {size!r}")
+    return key
