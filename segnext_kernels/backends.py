@@ -32,6 +32,10 @@ _OP_BACKENDS: Dict[str, set] = {}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+# Largest shared-memory tile of the CUDA MSCA kernels (csrc/cuda/msca_cuda.cu), in bytes.
+_CUDA_SMEM_NEEDED = 160 * 1024
+
+
 class BackendStatus(NamedTuple):
     available: bool
     reason: str
@@ -80,6 +84,12 @@ def _status(name: str) -> BackendStatus:
                                  "(rebuild with a CUDA build of torch and nvcc, SEGNEXT_CUDA=1)")
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA GPU visible")
+        smem = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                       "shared_memory_per_block_optin", None)
+        if smem is not None and smem < _CUDA_SMEM_NEEDED:
+            return BackendStatus(False, f"the CUDA MSCA kernels need {_CUDA_SMEM_NEEDED // 1024} KB of "
+                                 f"shared memory per block (A100/H100 class); this GPU allows "
+                                 f"{smem // 1024} KB: use the triton backend")
         return BackendStatus(True, f"CUDA C++ kernels in segnext_kernels._C on {torch.cuda.get_device_name()}")
     raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
 
