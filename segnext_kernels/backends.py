@@ -14,7 +14,6 @@ op (e.g. ``cpu`` for ``nmf2d``) runs that op with the reference; ``op_backends()
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from typing import Dict, Iterator, NamedTuple
 
@@ -110,55 +109,69 @@ def _check_name(name) -> str:
     return name
 
 
-_current: contextvars.ContextVar[str] = contextvars.ContextVar("segnext_backend", default="auto")
+# The selection is a plain module global (not a ContextVar) so that torch.compile can read it
+# while tracing, and guard on it: changing the backend recompiles instead of breaking the graph.
+_current: str = "auto"
 _default_checked = False
 
 
 def get_backend() -> str:
     """The selected backend name (``auto`` unless set)."""
-    global _default_checked
+    global _default_checked, _current
     if not _default_checked:  # SEGNEXT_BACKEND is validated on first use, not at import
         _default_checked = True
         if _env.DEFAULT_BACKEND != "auto":
-            _current.set(_check_name(_env.DEFAULT_BACKEND))
-    return _current.get()
+            _current = _check_name(_env.DEFAULT_BACKEND)
+    return _current
 
 
 def set_backend(name: str) -> None:
     """Select the backend for all following calls (``auto`` restores the default)."""
+    global _current
     get_backend()
-    _current.set(_check_name(name))
+    _current = _check_name(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """``with use_backend("triton"): ...`` runs the ops in the block with that backend."""
-    get_backend()
-    token = _current.set(_check_name(name))
+    global _current
+    previous = get_backend()
+    _current = _check_name(name)
     try:
-        yield name
+        yield _current
     finally:
-        _current.reset(token)
+        _current = previous
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
+def _runs_on(name: str, device_type: str) -> bool:
     if name == "reference":
         return True
     if name == "triton":
-        return device.type == "cuda" or (device.type == "cpu" and _env.triton_interpret())
-    return device.type == name  # "cuda" and "cpu" backends are named after their device
+        return device_type == "cuda" or (device_type == "cpu" and _env.triton_interpret())
+    return device_type == name  # "cuda" and "cpu" backends are named after their device
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, device_type: str, name: str) -> str:
+    # A constant for torch.compile: evaluated once while tracing (availability probes import
+    # modules and query the driver, which must not be traced).
+    implemented = _OP_BACKENDS.get(op, {"reference"})
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(device_type, ("reference",)):
+            if cand in implemented and _status(cand).available:
+                return cand
+        return "reference"
+    if not _runs_on(name, device_type):
+        return ""
+    return name if name in implemented else "reference"
 
 
 def resolve(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` on a tensor on ``device`` now."""
     name = get_backend()
-    implemented = _OP_BACKENDS.get(op, {"reference"})
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ("reference",)):
-            if cand in implemented and _status(cand).available:
-                return cand
-        return "reference"
-    if not _runs_on(name, device):
+    chosen = _resolve(op, device.type, name)
+    if not chosen:
         raise ValueError(f"backend {name!r} cannot run {op} on a tensor on {device}; "
                          f"select a backend for that device or 'auto'")
-    return name if name in implemented else "reference"
+    return chosen

@@ -1,0 +1,685 @@
+"""Fused Triton kernels of NMF2D (Hamburger's matrix decomposition), forward and backward.
+
+Per batch item (X is D×N, bases B is D×R, coef C is N×R; K = ``steps``)::
+
+    U_t = Xᵀ B_t,  G_t = B_tᵀ B_t                              (N×R, R×R)
+    C_0 = softmax(inv_t · U_0)
+    C_{t+1} = C_t ⊙ U_t ⊘ (C_t G_t + eps)          t = 0..K   (C_{K+1} is the final coef)
+    P_t = X C_t,   H_t = C_tᵀ C_t                              (D×R, R×R)
+    B_t = B_{t-1} ⊙ P_t ⊘ (B_{t-1} H_t + eps)        t = 1..K
+    Y = B_K C_{K+1}ᵀ
+
+Design
+------
+Every step needs two reductions over the whole item: the coef update needs Xᵀ B (over D, local
+to a column block of X) and the bases update needs X C and CᵀC (over all N columns). So a step
+is two passes over X, as in the eager code, but each pass does everything that can be done with
+that X tile in registers:
+
+- **coef pass** (a program owns a chunk of N columns): for each column block, U = Xᵀ B (loop
+  over D), the softmax init on the first step (it shares U_0 with the first update), the coef
+  update, and either the bases-update partials (X C over its columns — a second, D-outer loop
+  over the same X columns, still in L2 — and CᵀC) or, on the last step, the reconstruction
+  Y = B Cᵀ straight from registers. G = BᵀB is recomputed per program (D·R² flops: cheap).
+- **bases pass** (a program owns D rows): sums the chunks' partials and applies the bases
+  update; B (D×R), the partial sums and the R×R Grams stay in L2 / registers.
+
+Two launch modes share these passes (``@triton.jit`` helpers):
+
+- *persistent*: ``nmf_forward_kernel``, grid = (items,), one launch per call: each program loops
+  over all steps, passes separated by ``tl.debug_barrier`` (a program only reads what it wrote
+  itself). Used when the items alone fill the GPU, and under the interpreter (fewest programs).
+- *split*: grid = (items, N chunks) for the coef pass and (items, D blocks) for the bases pass,
+  two launches per step (2K+1 per call, against ≈90 for eager PyTorch), for small batches where
+  one program per item would leave most SMs idle. A grid-wide barrier inside one launch would
+  deadlock under the interpreter (programs run one after another) and is not portable, so the
+  cross-program reduction over N goes through a launch boundary.
+
+Floor (H100 SXM, SegNeXt-T head: 16 items, D=256, N=4096, R=16, 7 steps): 16 skinny GEMMs of
+2·N·D·R per item (8 Xᵀ B — the init shares the first —, 7 X C, the reconstruction) = 8.6 GFLOP.
+With float32 ``input_precision="ieee"`` (needed to match the reference to float32 rounding) the
+dots run on CUDA cores: ≈67 TFLOP/s → ≈130 µs. X in float32 is 67 MB, more than the 50 MB L2,
+and is read 15 times (2 per step + 1): ≈1 GB, ≈300 µs at 3.35 TB/s if nothing hits L2 — so the
+fp32 call is memory-bound, ≈150–300 µs, and the gain over eager PyTorch (≈90 launches, an extra
+init GEMM, ~40 elementwise passes over N×R/D×R tensors) is launches and passes, not FLOPs. For
+inference batches (2 items, 8 MB) X stays in L2 and the floor drops towards the compute bound.
+One program per item (the persistent mode) would use 16 of 132 SMs (≈8× the compute floor), so
+it is only chosen when the items alone fill the GPU; the split mode needs 2K+1 launches
+(≈15 × 2–4 µs).
+
+Backward (``nmf_backward``): reverse-mode through every update, fused the same way, from the
+forward's saved per-step state only: bases B_0..B_K, coefs C_0..C_{K+1}, numerators U_0..U_K,
+P_1..P_K (D×R) and H_1..H_K (R×R) — all of R columns; no product of X size is saved. Reverse
+step k (k = K+1..1) is again one pass over N chunks (``coef_grad_pass``: Xᵀ dP_k finishes dC_k,
+then the coef-update backward, dU, dG partials, and X dU partials via a D-outer loop) and one
+over D blocks (``bases_grad_pass``: finishes dB, the bases-update backward, dP, dH partials).
+dX = Σ_t B_t dU_tᵀ + Σ_k dP_k C_kᵀ is written once, at the end, by ``dx_pass`` (one pass over
+D×N, never read-modify-written). ``one_step`` runs only the last reverse step, without bases.
+Cost: per reverse step 2 GEMMs over X (Xᵀ dP, X dU) + 2 rank-R terms of dX ≈ 2× the forward.
+Saved per item: (2K+1)·D·R + (2K+3)·N·R + K·R² floats (coef and U dominate) — measured
+3.96 MiB against autograd's 7.64 MiB for D=256, N=4096, R=16, K=6 (16.7 vs 32.2 MiB for D=512,
+R=64), X excluded (both keep it). Dropping U (recomputed from the X tile that the reverse pass
+loads anyway, +1 GEMM per step) would halve it again.
+
+All dots accumulate in float32 with ``input_precision="ieee"``; eps stays float32. Loads and
+stores are masked for any D, N, R ≥ 1; R is padded to ``BR`` = max(16, next_pow2(R)) in
+registers (padded columns of B and C are exact zeros, the softmax masks them with -inf).
+
+Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
+launchers allocate with NaN first, so an unwritten element shows up in tests.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+POISON_OUTPUTS: bool = os.environ.get("SEGNEXT_POISON_OUTPUTS", "").strip().lower() in (
+    "1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------
+# small tile helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptr, row0, n_rows, n_cols, stride, BLOCK: tl.constexpr, BC: tl.constexpr):
+    """(BLOCK, BC) tile of a row-major matrix, rows row0.. < n_rows, cols < n_cols, zero padded."""
+    rows = row0 + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, val, row0, n_rows, n_cols, stride, BLOCK: tl.constexpr, BC: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride + cols[None, :], val, mask=mask)
+
+
+@triton.jit
+def _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_D, BLOCK_N) tile of a (D, N) row-major matrix, columns limited to < n_hi."""
+    rows = d0 + tl.arange(0, BLOCK_D)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < D) & (cols[None, :] < n_hi)
+    return tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gram(b_ptr, D, R, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """BᵀB (BR, BR) of a (D, R) matrix, over all D."""
+    acc = tl.zeros((BR, BR), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        b = _load_tile(b_ptr, d0, D, R, R, BLOCK_D, BR)
+        acc += tl.dot(tl.trans(b), b, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _sum_square_partials(ptr, count, BR: tl.constexpr):
+    """Σ over ``count`` (BR, BR) partials stored back to back."""
+    acc = tl.zeros((BR, BR), dtype=tl.float32)
+    for i in range(0, count):
+        acc += _load_tile(ptr + i * BR * BR, 0, BR, BR, BR, BR, BR)
+    return acc
+
+
+@triton.jit
+def _sum_row_partials(ptr, count, d0, D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Σ over ``count`` (D, BR) partials stored back to back, rows d0..d0+BLOCK_D."""
+    acc = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
+    for i in range(0, count):
+        acc += _load_tile(ptr + i * D * BR, d0, D, BR, BR, BLOCK_D, BR)
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# forward passes
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def coef_pass(x_ptr, bases_ptr, coef_in_ptr, coef_out_ptr, coef0_ptr, u_ptr, xc_part_ptr,
+              cc_part_ptr, y_ptr, D, N, R, n_lo, n_hi, eps, inv_t, first, last,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Coef update on columns [n_lo, n_hi) of one item (softmax init first when ``first``);
+    then the bases-update partials (X C, CᵀC) of those columns, or Y = B Cᵀ when ``last``."""
+    offs_r = tl.arange(0, BR)
+    rmask = offs_r < R
+    G = _gram(bases_ptr, D, R, BLOCK_D, BR)
+    cc = tl.zeros((BR, BR), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        nmask = (n0 + tl.arange(0, BLOCK_N)) < n_hi
+        num = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+            b = _load_tile(bases_ptr, d0, D, R, R, BLOCK_D, BR)
+            num += tl.dot(tl.trans(x), b, input_precision="ieee")
+        if first:
+            # coef init shares U_0 = Xᵀ B_0 with the first update.
+            s = tl.where(rmask[None, :], inv_t * num, float("-inf"))
+            e = tl.exp(s - tl.max(s, axis=1)[:, None])
+            c_prev = e / tl.sum(e, axis=1)[:, None]
+            _store_tile(coef0_ptr, c_prev, n0, n_hi, R, R, BLOCK_N, BR)
+        else:
+            c_prev = _load_tile(coef_in_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        den = tl.dot(c_prev, G, input_precision="ieee") + eps
+        c_new = tl.where(nmask[:, None], c_prev * num / den, 0.0)
+        _store_tile(coef_out_ptr, c_new, n0, n_hi, R, R, BLOCK_N, BR)
+        _store_tile(u_ptr, num, n0, n_hi, R, R, BLOCK_N, BR)
+        if last:
+            for d0 in range(0, D, BLOCK_D):
+                b = _load_tile(bases_ptr, d0, D, R, R, BLOCK_D, BR)
+                y = tl.dot(b, tl.trans(c_new), input_precision="ieee")
+                rows = d0 + tl.arange(0, BLOCK_D)
+                cols = n0 + tl.arange(0, BLOCK_N)
+                tl.store(y_ptr + rows[:, None] * N + cols[None, :], y,
+                         mask=(rows[:, None] < D) & (cols[None, :] < n_hi))
+        else:
+            cc += tl.dot(tl.trans(c_new), c_new, input_precision="ieee")
+    if not last:
+        _store_tile(cc_part_ptr, cc, 0, BR, BR, BR, BR, BR)
+        tl.debug_barrier()  # the new coef rows were stored by other threads of this program
+        for d0 in range(0, D, BLOCK_D):
+            xc = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+                c = _load_tile(coef_out_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+                xc += tl.dot(x, c, input_precision="ieee")
+            _store_tile(xc_part_ptr, xc, d0, D, BR, BR, BLOCK_D, BR)
+
+
+@triton.jit
+def bases_pass(bases_in_ptr, bases_out_ptr, xc_part_ptr, cc_part_ptr, n_parts, p_ptr, h_ptr,
+               D, R, d_lo, d_hi, eps, write_h, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Bases update on rows [d_lo, d_hi): B ⊙ (X C) ⊘ (B CᵀC + eps) from the chunks' partials;
+    saves P = X C and (when ``write_h``) H = CᵀC for the backward."""
+    cc = _sum_square_partials(cc_part_ptr, n_parts, BR)
+    if write_h:
+        _store_tile(h_ptr, cc, 0, R, R, R, BR, BR)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        xc = _sum_row_partials(xc_part_ptr, n_parts, d0, D, BLOCK_D, BR)
+        b = _load_tile(bases_in_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+        den = tl.dot(b, cc, input_precision="ieee") + eps
+        _store_tile(bases_out_ptr, b * xc / den, d0, d_hi, R, R, BLOCK_D, BR)
+        _store_tile(p_ptr, xc, d0, d_hi, R, R, BLOCK_D, BR)
+
+
+@triton.jit
+def _coef_step(pid_b, j, steps, n_lo, n_hi, part_index, x_ptr, bases_hist, coef_hist, u_hist,
+               xc_part, cc_part, y_ptr, D, N, R, nB, nC, nU, n_parts, eps, inv_t,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Item pointers and ring slots of forward step ``j`` → coef_pass."""
+    DN = D * N
+    NR = N * R
+    DR = D * R
+    coef_b = coef_hist + pid_b * nC * NR
+    coef_pass(x_ptr + pid_b * DN,
+              bases_hist + pid_b * nB * DR + (j % nB) * DR,
+              coef_b + (j % nC) * NR, coef_b + ((j + 1) % nC) * NR, coef_b,
+              u_hist + pid_b * nU * NR + (j % nU) * NR,
+              xc_part + (pid_b * n_parts + part_index) * D * BR,
+              cc_part + (pid_b * n_parts + part_index) * BR * BR,
+              y_ptr + pid_b * DN, D, N, R, n_lo, n_hi, eps, inv_t, j == 0, j == steps,
+              BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit
+def _bases_step(pid_b, j, d_lo, d_hi, write_h, bases_hist, xc_part, cc_part, p_hist, h_hist,
+                D, R, nB, nP, n_parts, eps, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    DR = D * R
+    bases_b = bases_hist + pid_b * nB * DR
+    bases_pass(bases_b + (j % nB) * DR, bases_b + ((j + 1) % nB) * DR,
+               xc_part + pid_b * n_parts * D * BR, cc_part + pid_b * n_parts * BR * BR, n_parts,
+               p_hist + pid_b * nP * DR + (j % nP) * DR,
+               h_hist + pid_b * nP * R * R + (j % nP) * R * R,
+               D, R, d_lo, d_hi, eps, write_h, BLOCK_D, BR)
+
+
+@triton.jit(do_not_specialize=["steps"])
+def nmf_forward_kernel(x_ptr, bases_hist, coef_hist, u_hist, p_hist, h_hist, xc_part, cc_part,
+                       y_ptr, D, N, R, steps, nB, nC, nU, nP, eps, inv_t,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Persistent forward: one program per item runs init, all steps and the reconstruction."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    for j in range(0, steps + 1):
+        _coef_step(pid_b, j, steps, 0, N, 0, x_ptr, bases_hist, coef_hist, u_hist, xc_part,
+                   cc_part, y_ptr, D, N, R, nB, nC, nU, 1, eps, inv_t, BLOCK_D, BLOCK_N, BR)
+        if j < steps:
+            tl.debug_barrier()
+            _bases_step(pid_b, j, 0, D, True, bases_hist, xc_part, cc_part, p_hist, h_hist,
+                        D, R, nB, nP, 1, eps, BLOCK_D, BR)
+            tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["j", "steps"])
+def nmf_coef_kernel(x_ptr, bases_hist, coef_hist, u_hist, xc_part, cc_part, y_ptr, j, steps,
+                    D, N, R, nB, nC, nU, chunk, eps, inv_t,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Split forward, coef pass of step ``j``: grid (items, N chunks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1)
+    n_lo = pid_c * chunk
+    n_hi = tl.minimum(n_lo + chunk, N)
+    _coef_step(pid_b, j, steps, n_lo, n_hi, pid_c, x_ptr, bases_hist, coef_hist, u_hist,
+               xc_part, cc_part, y_ptr, D, N, R, nB, nC, nU, tl.num_programs(1), eps, inv_t,
+               BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit(do_not_specialize=["j"])
+def nmf_bases_kernel(bases_hist, xc_part, cc_part, p_hist, h_hist, j, D, R, nB, nP, n_parts,
+                     eps, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Split forward, bases pass of step ``j``: grid (items, D blocks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    d_lo = pid_d * BLOCK_D
+    _bases_step(pid_b, j, d_lo, tl.minimum(d_lo + BLOCK_D, D), pid_d == 0, bases_hist, xc_part,
+                cc_part, p_hist, h_hist, D, R, nB, nP, n_parts, eps, BLOCK_D, BR)
+
+
+# --------------------------------------------------------------------------------------------
+# backward passes
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def coef_grad_pass(x_ptr, dy_ptr, b_prev_ptr, c_prev_ptr, c_cur_ptr, u_prev_ptr, dc_in_ptr,
+                   dc_out_ptr, dp_ptr, dh_part_ptr, n_dh, du_ptr, xdu_part_ptr, dg_part_ptr,
+                   D, N, R, n_lo, n_hi, eps, inv_t, first, last, need_db,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Reverse of coef update k (C_k = C_{k-1} ⊙ U_{k-1} ⊘ (C_{k-1} G_{k-1} + eps)) on columns
+    [n_lo, n_hi). dC_k = dYᵀ B_K when ``last``, else the carried part + Xᵀ dP_k + C_k (dH + dHᵀ).
+    Writes dU_{k-1} (softmax-init backward added when ``first``), the carried dC_{k-1}, and, when
+    ``need_db``, the partials X dU_{k-1} (+ dY C_k when ``last``) and dG = C_{k-1}ᵀ dV."""
+    G = _gram(b_prev_ptr, D, R, BLOCK_D, BR)
+    dHs = tl.zeros((BR, BR), dtype=tl.float32)
+    if not last:
+        dH = _sum_square_partials(dh_part_ptr, n_dh, BR)
+        dHs = dH + tl.trans(dH)
+    dg = tl.zeros((BR, BR), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        c_cur = _load_tile(c_cur_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        acc = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
+        if last:
+            for d0 in range(0, D, BLOCK_D):
+                dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+                b = _load_tile(b_prev_ptr, d0, D, R, R, BLOCK_D, BR)
+                acc += tl.dot(tl.trans(dy), b, input_precision="ieee")
+            dc = acc
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+                dp = _load_tile(dp_ptr, d0, D, R, R, BLOCK_D, BR)
+                acc += tl.dot(tl.trans(x), dp, input_precision="ieee")
+            dc = _load_tile(dc_in_ptr, n0, n_hi, R, R, BLOCK_N, BR) + acc + \
+                tl.dot(c_cur, dHs, input_precision="ieee")
+        c_prev = _load_tile(c_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        u = _load_tile(u_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        v = tl.dot(c_prev, G, input_precision="ieee") + eps
+        du = dc * c_prev / v
+        dv = -dc * c_cur / v
+        dc_prev = dc * u / v + tl.dot(dv, tl.trans(G), input_precision="ieee")
+        dg += tl.dot(tl.trans(c_prev), dv, input_precision="ieee")
+        if first:
+            # C_0 = softmax(inv_t U_0): its backward lands on U_0 as well.
+            du += inv_t * c_prev * (dc_prev - tl.sum(dc_prev * c_prev, axis=1)[:, None])
+        else:
+            _store_tile(dc_out_ptr, dc_prev, n0, n_hi, R, R, BLOCK_N, BR)
+        _store_tile(du_ptr, du, n0, n_hi, R, R, BLOCK_N, BR)
+    if need_db:
+        _store_tile(dg_part_ptr, dg, 0, BR, BR, BR, BR, BR)
+        tl.debug_barrier()  # dU rows were stored by other threads of this program
+        for d0 in range(0, D, BLOCK_D):
+            xdu = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+                du = _load_tile(du_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+                xdu += tl.dot(x, du, input_precision="ieee")
+                if last:  # Y = B_K C_{K+1}ᵀ → dB_K += dY C_{K+1}
+                    dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
+                    c_cur = _load_tile(c_cur_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+                    xdu += tl.dot(dy, c_cur, input_precision="ieee")
+            _store_tile(xdu_part_ptr, xdu, d0, D, BR, BR, BLOCK_D, BR)
+
+
+@triton.jit
+def bases_grad_pass(b_prev_ptr, b_pprev_ptr, p_ptr, h_ptr, db_in_ptr, db_out_ptr, xdu_part_ptr,
+                    dg_part_ptr, n_parts, dp_ptr, dh_part_ptr, dbases_ptr, D, R, d_lo, d_hi, eps,
+                    first, has_carry, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Rows [d_lo, d_hi) of dB_{k-1} = carried + Σ X dU_{k-1} + B_{k-1}(dG + dGᵀ); written as the
+    bases gradient when ``first`` (k = 1), else pushed through bases update k-1
+    (B_{k-1} = B_{k-2} ⊙ P ⊘ (B_{k-2} H + eps)): dP_{k-1}, carried dB_{k-2}, dH partial."""
+    dG = _sum_square_partials(dg_part_ptr, n_parts, BR)
+    dGs = dG + tl.trans(dG)
+    H = tl.zeros((BR, BR), dtype=tl.float32)
+    if not first:
+        H = _load_tile(h_ptr, 0, R, R, R, BR, BR)
+    dh = tl.zeros((BR, BR), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        b1 = _load_tile(b_prev_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+        db = _sum_row_partials(xdu_part_ptr, n_parts, d0, D, BLOCK_D, BR) + \
+            tl.dot(b1, dGs, input_precision="ieee")
+        if has_carry:
+            db += _load_tile(db_in_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+        if first:
+            _store_tile(dbases_ptr, db, d0, d_hi, R, R, BLOCK_D, BR)
+        else:
+            b2 = _load_tile(b_pprev_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+            p = _load_tile(p_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+            w = tl.dot(b2, H, input_precision="ieee") + eps
+            dw = -db * b1 / w
+            _store_tile(dp_ptr, db * b2 / w, d0, d_hi, R, R, BLOCK_D, BR)
+            _store_tile(db_out_ptr, db * p / w + tl.dot(dw, tl.trans(H), input_precision="ieee"),
+                        d0, d_hi, R, R, BLOCK_D, BR)
+            dh += tl.dot(tl.trans(b2), dw, input_precision="ieee")
+    if not first:
+        _store_tile(dh_part_ptr, dh, 0, BR, BR, BR, BR, BR)
+
+
+@triton.jit
+def dx_pass(bases_b, du_b, dp_b, coef_b, dx_ptr, D, N, R, n_lo, n_hi, t_lo, k_lo, steps,
+            nB, nDU, nC, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """dX = Σ_{t ≥ t_lo} B_t dU_tᵀ + Σ_{k ≥ k_lo} dP_k C_kᵀ on columns [n_lo, n_hi), written
+    once (never read-modify-written)."""
+    DR = D * R
+    NR = N * R
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for d0 in range(0, D, BLOCK_D):
+            acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            for t in range(t_lo, steps + 1):
+                b = _load_tile(bases_b + (t % nB) * DR, d0, D, R, R, BLOCK_D, BR)
+                du = _load_tile(du_b + (t % nDU) * NR, n0, n_hi, R, R, BLOCK_N, BR)
+                acc += tl.dot(b, tl.trans(du), input_precision="ieee")
+            for k in range(k_lo, steps + 1):
+                dp = _load_tile(dp_b + (k - 1) * DR, d0, D, R, R, BLOCK_D, BR)
+                c = _load_tile(coef_b + (k % nC) * NR, n0, n_hi, R, R, BLOCK_N, BR)
+                acc += tl.dot(dp, tl.trans(c), input_precision="ieee")
+            rows = d0 + tl.arange(0, BLOCK_D)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            tl.store(dx_ptr + rows[:, None] * N + cols[None, :], acc,
+                     mask=(rows[:, None] < D) & (cols[None, :] < n_hi))
+
+
+@triton.jit
+def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
+                    bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dh, du_hist,
+                    xdu_part, dg_part, D, N, R, nB, nC, nU, nDU, nS, n_parts, eps, inv_t,
+                    UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BR: tl.constexpr):
+    """Item pointers and ring slots of reverse step ``k`` → coef_grad_pass."""
+    DN = D * N
+    NR = N * R
+    DR = D * R
+    coef_b = coef_hist + pid_b * nC * NR
+    carry_b = dc_carry + pid_b * 2 * NR
+    coef_grad_pass(x_ptr + pid_b * DN, dy_ptr + pid_b * DN,
+                   bases_hist + pid_b * nB * DR + ((k - 1) % nB) * DR,
+                   coef_b + ((k - 1) % nC) * NR, coef_b + (k % nC) * NR,
+                   u_hist + pid_b * nU * NR + ((k - 1) % nU) * NR,
+                   carry_b + (k % 2) * NR, carry_b + ((k - 1) % 2) * NR,
+                   dp_hist + pid_b * nS * DR + (k - 1) * DR,
+                   dh_part + pid_b * n_dh * BR * BR, n_dh,
+                   du_hist + pid_b * nDU * NR + ((k - 1) % nDU) * NR,
+                   xdu_part + (pid_b * n_parts + part_index) * D * BR,
+                   dg_part + (pid_b * n_parts + part_index) * BR * BR,
+                   D, N, R, n_lo, n_hi, eps, inv_t, (k == 1) if UNROLLED else False,
+                   k == steps + 1, UNROLLED, BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit
+def _bases_grad_step(pid_b, k, steps, d_lo, d_hi, part_index, bases_hist, p_hist, h_hist,
+                     db_carry, xdu_part, dg_part, n_parts, dp_hist, dh_part, n_dh, dbases,
+                     D, R, nB, nS, eps, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Item pointers and ring slots of reverse step ``k`` → bases_grad_pass."""
+    DR = D * R
+    bases_b = bases_hist + pid_b * nB * DR
+    carry_b = db_carry + pid_b * 2 * DR
+    km2 = k - 2 + (k == 1)  # slot of B_{k-2}, P_{k-1}, H_{k-1}, dP_{k-1} (unused at k = 1)
+    bases_grad_pass(bases_b + ((k - 1) % nB) * DR, bases_b + (km2 % nB) * DR,
+                    p_hist + pid_b * nS * DR + km2 * DR,
+                    h_hist + pid_b * nS * R * R + km2 * R * R,
+                    carry_b + ((k - 1) % 2) * DR, carry_b + (km2 % 2) * DR,
+                    xdu_part + pid_b * n_parts * D * BR, dg_part + pid_b * n_parts * BR * BR,
+                    n_parts, dp_hist + pid_b * nS * DR + km2 * DR,
+                    dh_part + (pid_b * n_dh + part_index) * BR * BR,
+                    dbases + pid_b * DR, D, R, d_lo, d_hi, eps, k == 1, k <= steps,
+                    BLOCK_D, BR)
+
+
+@triton.jit
+def _dx_step(pid_b, n_lo, n_hi, steps, bases_hist, du_hist, dp_hist, coef_hist,
+             dx_ptr, D, N, R, nB, nDU, nC, nS, UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    # one_step: only the final update's numerator U_K = Xᵀ B_K carries gradient to X
+    t_lo = 0 * steps if UNROLLED else steps
+    k_lo = 1 + 0 * steps if UNROLLED else steps + 1
+    dx_pass(bases_hist + pid_b * nB * D * R, du_hist + pid_b * nDU * N * R,
+            dp_hist + pid_b * nS * D * R, coef_hist + pid_b * nC * N * R,
+            dx_ptr + pid_b * D * N, D, N, R, n_lo, n_hi, t_lo, k_lo, steps, nB, nDU, nC,
+            BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit(do_not_specialize=["steps"])
+def nmf_backward_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, p_hist, h_hist,
+                        dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part, dg_part,
+                        dbases, dx_ptr, D, N, R, steps, nB, nC, nU, nDU, nS, eps, inv_t,
+                        UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BR: tl.constexpr):
+    """Persistent backward: one program per item runs every reverse step, then dX."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    n_rev = steps + 1 if UNROLLED else 1 + 0 * steps
+    for i in range(0, n_rev):
+        k = steps + 1 - i
+        _coef_grad_step(pid_b, k, steps, 0, N, 0, x_ptr, dy_ptr, bases_hist, coef_hist,
+                        u_hist, dc_carry, dp_hist, dh_part, 1, du_hist, xdu_part, dg_part,
+                        D, N, R, nB, nC, nU, nDU, nS, 1, eps, inv_t, UNROLLED,
+                        BLOCK_D, BLOCK_N, BR)
+        tl.debug_barrier()
+        if UNROLLED:
+            _bases_grad_step(pid_b, k, steps, 0, D, 0, bases_hist, p_hist, h_hist, db_carry,
+                             xdu_part, dg_part, 1, dp_hist, dh_part, 1, dbases, D, R, nB, nS,
+                             eps, BLOCK_D, BR)
+            tl.debug_barrier()
+    _dx_step(pid_b, 0, N, steps, bases_hist, du_hist, dp_hist, coef_hist, dx_ptr,
+             D, N, R, nB, nDU, nC, nS, UNROLLED, BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit(do_not_specialize=["k", "steps"])
+def nmf_coef_grad_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, dc_carry, dp_hist,
+                         dh_part, n_dh, du_hist, xdu_part, dg_part, k, steps,
+                         D, N, R, nB, nC, nU, nDU, nS, chunk, eps, inv_t,
+                         UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BR: tl.constexpr):
+    """Split backward, coef pass of reverse step ``k``: grid (items, N chunks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1)
+    n_lo = pid_c * chunk
+    _coef_grad_step(pid_b, k, steps, n_lo, tl.minimum(n_lo + chunk, N), pid_c, x_ptr,
+                    dy_ptr, bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dh,
+                    du_hist, xdu_part, dg_part, D, N, R, nB, nC, nU, nDU, nS,
+                    tl.num_programs(1), eps, inv_t, UNROLLED, BLOCK_D, BLOCK_N, BR)
+
+
+@triton.jit(do_not_specialize=["k", "steps"])
+def nmf_bases_grad_kernel(bases_hist, p_hist, h_hist, db_carry, xdu_part, dg_part, n_parts,
+                          dp_hist, dh_part, dbases, k, steps, D, R, nB, nS, eps,
+                          BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """Split backward, bases pass of reverse step ``k``: grid (items, D blocks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    d_lo = pid_d * BLOCK_D
+    _bases_grad_step(pid_b, k, steps, d_lo, tl.minimum(d_lo + BLOCK_D, D), pid_d, bases_hist,
+                     p_hist, h_hist, db_carry, xdu_part, dg_part, n_parts, dp_hist, dh_part,
+                     tl.num_programs(1), dbases, D, R, nB, nS, eps, BLOCK_D, BR)
+
+
+@triton.jit(do_not_specialize=["steps"])
+def nmf_dx_kernel(bases_hist, du_hist, dp_hist, coef_hist, dx_ptr, steps, D, N, R,
+                  nB, nDU, nC, nS, UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    """Split backward, dX: grid (items, N blocks)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    n_lo = tl.program_id(1) * BLOCK_N
+    _dx_step(pid_b, n_lo, tl.minimum(n_lo + BLOCK_N, N), steps, bases_hist, du_hist,
+             dp_hist, coef_hist, dx_ptr, D, N, R, nB, nDU, nC, nS, UNROLLED,
+             BLOCK_D, BLOCK_N, BR)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _new(shape, like: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
+    return torch.empty(shape, dtype=torch.float32, device=like.device)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pow2_clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
+
+
+def _num_warps(BR: int) -> int:
+    return 4 if BR <= 32 else 8  # BR=64: the R×R Grams and N×R tiles need the registers
+
+
+def block_sizes(D: int, N: int, R: int):
+    """(BLOCK_D, BLOCK_N, BR). tl.dot needs every dim ≥ 16. The interpreter prefers big tiles
+    (fewer numpy calls); on a GPU the tiles are kept register-sized."""
+    BR = _pow2_clamp(R, 16, 1 << 30)
+    if _interpret():
+        return _pow2_clamp(D, 16, 256), _pow2_clamp(N, 16, 128), BR
+    if BR <= 32:
+        return _pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 64), BR
+    return _pow2_clamp(D, 16, 32), _pow2_clamp(N, 16, 64), BR
+
+
+def default_chunks(b: int, N: int, R: int, BLOCK_N: int, device: torch.device) -> int:
+    """N chunks per item: 1 (persistent kernel) under the interpreter or when the items alone
+    fill the GPU; else enough programs for ~2 waves, with chunks wide enough (≥ 4 column blocks
+    and ≥ 8·R columns) that the D×R partials stay small next to the X chunk."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if b >= sms:
+        return 1
+    min_width = max(4 * BLOCK_N, 8 * R)
+    return max(1, min(triton.cdiv(2 * sms, b), triton.cdiv(N, min_width)))
+
+
+def ring_sizes(steps: int, full: bool):
+    """Slots of the saved-state rings (bases, coef, U, P/H): every step when ``full``
+    (unrolled backward), else only what the forward and the one_step backward need."""
+    if full:
+        return steps + 1, steps + 2, steps + 1, steps
+    return (2 if steps else 1), 2, 1, min(steps, 1)
+
+
+def _chunking(N: int, n_chunks: int, BLOCK_N: int):
+    chunk = triton.cdiv(triton.cdiv(N, max(n_chunks, 1)), BLOCK_N) * BLOCK_N
+    return chunk, triton.cdiv(N, chunk)
+
+
+def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, inv_t: float,
+                full_history: bool, n_chunks: int | None = None):
+    """X (b, D, N), bases (b, D, R), contiguous float32 → (Y (b, D, N), bases_hist (b, nB, D, R),
+    coef_hist (b, nC, N, R), u_hist (b, nU, N, R), p_hist (b, nP, D, R), h_hist (b, nP, R, R))."""
+    b, D, N = X.shape
+    R = bases.shape[2]
+    BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
+    nw = _num_warps(BR)
+    nB, nC, nU, nP = ring_sizes(steps, full_history)
+    Y = _new((b, D, N), X)
+    bases_hist = _new((b, nB, D, R), X)
+    bases_hist[:, 0].copy_(bases)
+    coef_hist = _new((b, nC, N, R), X)
+    u_hist = _new((b, nU, N, R), X)
+    p_hist = _new((b, nP, D, R), X)
+    h_hist = _new((b, nP, R, R), X)
+    # unused when steps == 0 (no bases update): any valid pointer
+    p_arg = p_hist if nP else bases_hist
+    h_arg = h_hist if nP else bases_hist
+    nP_arg = max(nP, 1)
+    if n_chunks is None:
+        n_chunks = default_chunks(b, N, R, BLOCK_N, X.device)
+    chunk, n_chunks = _chunking(N, n_chunks, BLOCK_N)
+    xc_part = _new((b, n_chunks, D, BR), X)
+    cc_part = _new((b, n_chunks, BR, BR), X)
+    eps, inv_t = float(eps), float(inv_t)
+    if n_chunks == 1:
+        nmf_forward_kernel[(b,)](X, bases_hist, coef_hist, u_hist, p_arg, h_arg, xc_part,
+                                 cc_part, Y, D, N, R, steps, nB, nC, nU, nP_arg, eps, inv_t,
+                                 BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+    else:
+        n_dblocks = triton.cdiv(D, BLOCK_D)
+        for j in range(steps + 1):
+            nmf_coef_kernel[(b, n_chunks)](X, bases_hist, coef_hist, u_hist, xc_part, cc_part,
+                                           Y, j, steps, D, N, R, nB, nC, nU, chunk, eps, inv_t,
+                                           BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+            if j < steps:
+                nmf_bases_kernel[(b, n_dblocks)](bases_hist, xc_part, cc_part, p_arg, h_arg, j,
+                                                 D, R, nB, nP_arg, n_chunks, eps,
+                                                 BLOCK_D=BLOCK_D, BR=BR, num_warps=nw)
+    return Y, bases_hist, coef_hist, u_hist, p_hist, h_hist
+
+
+def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
+                 coef_hist: torch.Tensor, u_hist: torch.Tensor, p_hist: torch.Tensor,
+                 h_hist: torch.Tensor, steps: int, eps: float, inv_t: float, grad: str,
+                 n_chunks: int | None = None):
+    """Gradients (dX (b, D, N), dbases (b, D, R) or None for ``one_step``) from the state saved
+    by ``nmf_forward`` (``full_history=True`` for ``unrolled``)."""
+    b, D, N = X.shape
+    R = bases_hist.shape[3]
+    nB, nC, nU = bases_hist.shape[1], coef_hist.shape[1], u_hist.shape[1]
+    unrolled = grad == "unrolled"
+    if unrolled and (nB, nC, nU) != ring_sizes(steps, True)[:3]:
+        raise RuntimeError("nmf2d: the unrolled backward needs the forward's full history "
+                           "(the forward ran without saving it)")
+    BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
+    nw = _num_warps(BR)
+    dY = dY.contiguous().float()
+    nDU = steps + 1 if unrolled else 1
+    nS = max(steps, 1)
+    dx = _new((b, D, N), X)
+    du_hist = _new((b, nDU, N, R), X)
+    dp_hist = _new((b, nS, D, R), X)
+    dc_carry = _new((b, 2, N, R), X)
+    db_carry = _new((b, 2, D, R), X)
+    dbases = _new((b, D, R), X) if unrolled else dx  # dx: never written by one_step's passes
+    p_arg = p_hist if p_hist.shape[1] == steps and steps else dp_hist
+    h_arg = h_hist if h_hist.shape[1] == steps and steps else dp_hist
+    if n_chunks is None:
+        n_chunks = default_chunks(b, N, R, BLOCK_N, X.device)
+    chunk, n_chunks = _chunking(N, n_chunks, BLOCK_N)
+    n_dblocks = 1 if n_chunks == 1 else triton.cdiv(D, BLOCK_D)
+    xdu_part = _new((b, n_chunks, D, BR), X)
+    dg_part = _new((b, n_chunks, BR, BR), X)
+    dh_part = _new((b, n_dblocks, BR, BR), X)
+    eps, inv_t = float(eps), float(inv_t)
+    if n_chunks == 1:
+        nmf_backward_kernel[(b,)](X, dY, bases_hist, coef_hist, u_hist, p_arg, h_arg,
+                                  dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part,
+                                  dg_part, dbases, dx, D, N, R, steps, nB, nC, nU, nDU, nS,
+                                  eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
+                                  BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+    else:
+        for i in range(steps + 1 if unrolled else 1):
+            k = steps + 1 - i
+            nmf_coef_grad_kernel[(b, n_chunks)](
+                X, dY, bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dblocks,
+                du_hist, xdu_part, dg_part, k, steps, D, N, R, nB, nC, nU, nDU, nS, chunk,
+                eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR,
+                num_warps=nw)
+            if unrolled:
+                nmf_bases_grad_kernel[(b, n_dblocks)](
+                    bases_hist, p_arg, h_arg, db_carry, xdu_part, dg_part, n_chunks, dp_hist,
+                    dh_part, dbases, k, steps, D, R, nB, nS, eps, BLOCK_D=BLOCK_D, BR=BR,
+                    num_warps=nw)
+        nmf_dx_kernel[(b, triton.cdiv(N, BLOCK_N))](
+            bases_hist, du_hist, dp_hist, coef_hist, dx, steps, D, N, R, nB, nDU, nC, nS,
+            UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+    return dx, (dbases if unrolled else None)

@@ -1,0 +1,209 @@
+"""torch.library registration of every op, in one place.
+
+Each op is a ``torch.library.custom_op`` with a hand-written fake (shapes and strides equal to
+the real kernels') and a registered autograd formula, so it works under ``torch.compile``
+(fullgraph), ``opcheck``, autocast (handled by the functional wrappers) and DDP. The backend name
+is an argument of the op: the wrappers resolve it when they are called (at trace time under
+``torch.compile``), and the op runs that backend's kernel.
+
+Kernels per backend (each imported lazily, on first use):
+- triton: ``segnext_kernels.<op>.triton`` (Python module of Triton kernels);
+- cpu / cuda: the C++ ops ``torch.ops.segnext.*`` of ``segnext_kernels._C``, one schema with
+  CPU and CUDA implementations (csrc/).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _extension
+from .backends import register_op
+
+
+def _cxx_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether _C registered an implementation of ``segnext::<op>`` for ``dispatch_key``."""
+    if not _extension.available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", dispatch_key)
+
+# --------------------------------------------------------------------------------------------
+# strip_conv: depthwise 1xk / kx1 convolution with bias (the first op of _C; CPU only)
+# --------------------------------------------------------------------------------------------
+register_op("strip_conv", ("cpu",))  # forward only; autograd runs the reference
+
+
+def _register_cxx_fakes() -> None:
+    if not _extension.available():
+        return
+
+    @torch.library.register_fake("segnext::strip_conv")
+    def _(x, weight, bias):
+        return torch.empty_like(x)
+
+    if _cxx_kernel("msca_fwd", "CPU") or _cxx_kernel("msca_fwd", "CUDA"):
+        # Called only inside the msca custom op below; fakes keep them traceable on their own.
+        @torch.library.register_fake("segnext::msca_fwd")
+        def _(u, *w):
+            return torch.empty_like(u)
+
+        @torch.library.register_fake("segnext::msca_bwd")
+        def _(grad, u, *w):
+            return [torch.empty_like(u)] + [torch.empty_like(t) for t in w]
+
+
+_register_cxx_fakes()
+
+# --------------------------------------------------------------------------------------------
+# msca: the fused multi-scale convolutional attention
+# --------------------------------------------------------------------------------------------
+
+
+register_op("msca", ("triton",) + tuple(b for b, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                                        if _cxx_kernel("msca_fwd", key)))
+
+
+def _msca_kernels(backend: str):
+    """(forward, backward) callables of a backend for MSCA."""
+    if backend == "triton":
+        mod = importlib.import_module("segnext_kernels.msca.triton")
+        return mod.msca_forward, mod.msca_backward
+    if backend in ("cpu", "cuda"):
+        _C = _extension.require()
+        del _C
+        return torch.ops.segnext.msca_fwd, torch.ops.segnext.msca_bwd
+    raise ValueError(f"msca has no fused kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("segnext::msca", mutates_args=())
+def msca_op(u: Tensor, w0: Tensor, b0: Tensor, w0_1: Tensor, b0_1: Tensor, w0_2: Tensor,
+            b0_2: Tensor, w1_1: Tensor, b1_1: Tensor, w1_2: Tensor, b1_2: Tensor, w2_1: Tensor,
+            b2_1: Tensor, w2_2: Tensor, b2_2: Tensor, w3: Tensor, b3: Tensor,
+            backend: str) -> Tensor:
+    fwd, _ = _msca_kernels(backend)
+    return fwd(u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1, b2_1, w2_2,
+               b2_2, w3, b3)
+
+
+@msca_op.register_fake
+def _(u, *args):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("segnext::msca_backward", mutates_args=())
+def msca_backward_op(grad: Tensor, u: Tensor, weights: List[Tensor], backend: str) -> List[Tensor]:
+    """Returns [grad_u, then the 16 weight/bias gradients in the op's argument order]."""
+    _, bwd = _msca_kernels(backend)
+    return list(bwd(grad, u, *weights))
+
+
+@msca_backward_op.register_fake
+def _(grad, u, weights, backend):
+    return [torch.empty_like(u)] + [torch.empty_like(w) for w in weights]
+
+
+def _msca_setup_context(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+    ctx.save_for_backward(*inputs[:-1])  # u and the 16 weights: nothing of u's size but u
+
+
+def _msca_backward(ctx, grad):
+    u, *weights = ctx.saved_tensors
+    grads = msca_backward_op(grad.contiguous(memory_format=_fmt(u)), u, weights, ctx.backend)
+    return (*grads, None)
+
+
+def _fmt(t: Tensor) -> torch.memory_format:
+    from ._validate import memory_format_of
+    return memory_format_of(t)
+
+
+torch.library.register_autograd("segnext::msca", _msca_backward, setup_context=_msca_setup_context)
+
+
+def msca_fused(u: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
+    return msca_op(u, *weights, backend)
+
+# --------------------------------------------------------------------------------------------
+# nmf2d: the NMF decomposition of Hamburger (X (b, D, N), bases (b, D, R) -> reconstruction)
+# --------------------------------------------------------------------------------------------
+# One op runs the whole decomposition (init, all steps, reconstruction) in the backend's fused
+# kernels and returns, besides Y, the small per-step state (R columns) its backward needs; the
+# backward op runs the fused reverse pass over it (no autograd graph of the iterations).
+register_op("nmf2d", ("triton",))
+
+
+def _nmf_kernels(backend: str):
+    """The module of a backend's NMF2D kernels: ``nmf_forward``, ``nmf_backward`` and
+    ``ring_sizes`` (how many steps of state it saves), with the signatures of
+    segnext_kernels.nmf.triton. A CUDA or CPU backend adds a branch here."""
+    if backend == "triton":
+        return importlib.import_module("segnext_kernels.nmf.triton")
+    raise ValueError(f"nmf2d has no fused kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("segnext::nmf2d", mutates_args=())
+def nmf2d_op(X: Tensor, bases: Tensor, steps: int, eps: float, inv_t: float, grad: str,
+             save: bool, backend: str) -> List[Tensor]:
+    """X (b, D, N), bases (b, D, R) float32 → [Y (b, D, N), then the saved state: bases, coef,
+    numerator (Xᵀ B), P (X coef) and H (coefᵀ coef) per step]; ``save`` keeps every step (needed
+    by the ``unrolled`` backward), else only the last ones."""
+    fwd = _nmf_kernels(backend).nmf_forward
+    return list(fwd(X, bases, steps, eps, inv_t, save and grad == "unrolled"))
+
+
+@nmf2d_op.register_fake
+def _(X, bases, steps, eps, inv_t, grad, save, backend):
+    b, D, N = X.shape
+    R = bases.shape[2]
+    nB, nC, nU, nP = _nmf_kernels(backend).ring_sizes(steps, save and grad == "unrolled")
+    new = X.new_empty
+    return [new((b, D, N)), new((b, nB, D, R)), new((b, nC, N, R)), new((b, nU, N, R)),
+            new((b, nP, D, R)), new((b, nP, R, R))]
+
+
+@torch.library.custom_op("segnext::nmf2d_backward", mutates_args=())
+def nmf2d_backward_op(grad_y: Tensor, X: Tensor, saved: List[Tensor], steps: int, eps: float,
+                      inv_t: float, grad: str, backend: str) -> List[Tensor]:
+    """[dX, dbases]; dbases is an empty tensor for ``one_step`` (its gradient is None)."""
+    bwd = _nmf_kernels(backend).nmf_backward
+    dX, dB = bwd(grad_y, X, *saved, steps, eps, inv_t, grad)
+    return [dX, dB if dB is not None else X.new_empty((0,))]
+
+
+@nmf2d_backward_op.register_fake
+def _(grad_y, X, saved, steps, eps, inv_t, grad, backend):
+    b, D, N = X.shape
+    R = saved[0].shape[3]
+    dB = X.new_empty((b, D, R)) if grad == "unrolled" else X.new_empty((0,))
+    return [X.new_empty((b, D, N)), dB]
+
+
+def _nmf2d_setup_context(ctx, inputs, output):
+    X, bases, steps, eps, inv_t, grad, save, backend = inputs
+    ctx.args = (steps, eps, inv_t, grad, backend)
+    ctx.save_for_backward(X, *output[1:])  # X is the input; the rest has R columns
+
+
+def _nmf2d_backward(ctx, grads):
+    # The kernels refuse an unrolled backward from a forward run with save=False (no history).
+    steps, eps, inv_t, grad, backend = ctx.args
+    X, *saved = ctx.saved_tensors
+    gY = grads[0]
+    if gY is None:
+        gY = torch.zeros_like(X)
+    dX, dB = nmf2d_backward_op(gY.contiguous(), X, saved, steps, eps, inv_t, grad, backend)
+    return dX, (dB if grad == "unrolled" else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("segnext::nmf2d", _nmf2d_backward,
+                                setup_context=_nmf2d_setup_context)
+
+
+def nmf2d_fused(X: Tensor, bases: Tensor, steps: int, eps: float, inv_t: float, grad: str,
+                backend: str) -> Tensor:
+    """Reconstruction (b, D, N) of X (b, D, N) from bases (b, D, R), both contiguous float32."""
+    save = torch.is_grad_enabled() and (X.requires_grad or bases.requires_grad)
+    return nmf2d_op(X, bases, steps, eps, inv_t, grad, save, backend)[0]
