@@ -1,0 +1,12 @@
+"""Benchmark suite of segnext-kernels: ``python -m bench`` (see ``bench/__main__.py``).
+
+One module per benchmarked op or level, as Liger-Kernel lays its benchmarks out:
+``bench_strip_conv`` (one depthwise strip conv), ``bench_msca`` (the whole MSCA, and its saved
+bytes), ``bench_nmf`` (the NMF2D decomposition), ``bench_block`` (one MSCAN block),
+``bench_model`` (SegNeXt-T/B inference and training step, and its memory). Shared pieces:
+``timing`` (timers), ``roofline`` (measured ceilings, cost models, floors), ``report`` (tables,
+JSON, plot), ``runner`` (cases, variants, the failure-tolerant runner) and ``common``.
+"""
+from .runner import LEVELS, Case, Config, Result, Variant
+
+__all__ = ["LEVELS", "Case", "Config", "Result", "Variant"]

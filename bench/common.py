@@ -1,0 +1,137 @@
+"""Helpers shared by the benchmark modules: fused backends per op, layouts, input rotation,
+saved-activation accounting."""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+
+from .runner import Config, Variant
+
+LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+
+
+def primary_layout(cfg: Config) -> str:
+    """The layout of the compile variants: channels_last, the faster eager layout on both
+    cuDNN and oneDNN for these depthwise convs (performance notes §2, CPU section)."""
+    return "cl"
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=LAYOUTS[layout]) if t.dim() == 4 else t
+
+
+def n_rotations(bytes_per_set: int, cfg: Config) -> int:
+    """3 input sets (so consecutive calls do not find their inputs in cache) unless 3 sets
+    would take a sizeable share of memory."""
+    cap = (6 << 30) if cfg.cuda else (768 << 20)
+    return 3 if 3 * bytes_per_set <= cap else 1
+
+
+def cycle(sets: List[tuple]) -> Callable[[], tuple]:
+    it = itertools.cycle(sets)
+    return lambda: next(it)
+
+
+def fused_backends(op: str, cfg: Config) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
+    """The fused backends of ``op`` for the device: [(name, skip reason or None)], and notes.
+
+    A backend with a kernel for the op that cannot run here is listed with its reason when it
+    belongs to this device (e.g. ``cuda`` built without CUDA on a GPU machine); Triton under
+    TRITON_INTERPRET=1 is skipped, since interpreter timings mean nothing.
+    """
+    import segnext_kernels as sk
+
+    notes = []
+    have = sk.op_backends().get(op, ("reference",))
+    status = sk.available_backends()
+    out: List[Tuple[str, Optional[str]]] = []
+    for b in have:
+        if b == "reference":
+            continue
+        if b == "triton":
+            if cfg.interpret:
+                out.append((b, "TRITON_INTERPRET=1 (interpreter timings are meaningless)"))
+                continue
+            if not cfg.cuda:
+                continue  # Triton kernels run on CUDA tensors only
+        elif b != cfg.device.type:
+            continue
+        st = status.get(b)
+        out.append((b, None if (st and st.available) else f"unavailable: {st.reason if st else '?'}"))
+    if not out:
+        notes.append(f"{op}: no fused backend for {cfg.device.type} "
+                     f"(backends with a kernel: {', '.join(have)})")
+    return out, notes
+
+
+def fused_variants(op: str, cfg: Config, layouts: Iterable[str], make_for: Callable,
+                   graph: bool = True) -> Tuple[List[Variant], List[str]]:
+    """One variant per fused backend of ``op`` and layout; ``make_for(backend, layout)`` gives
+    the variant's ``make``."""
+    backends, notes = fused_backends(op, cfg)
+    variants = []
+    for b, skip in backends:
+        for layout in layouts:
+            variants.append(Variant(f"fused:{b}", layout, b, make=make_for(b, layout),
+                                    skip=skip, graph=graph))
+    return variants, notes
+
+
+def model_fused_backends(cfg: Config) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
+    """Backends that fuse MSCA or NMF2D on this device (the model level runs each as a whole)."""
+    seen, notes = {}, []
+    for op in ("msca", "nmf2d"):
+        bs, ns = fused_backends(op, cfg)
+        notes += ns
+        for b, skip in bs:
+            seen.setdefault(b, skip)
+    return list(seen.items()), notes
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward: distinct storages, parameters excluded."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.exclude = {self._key(t) for t in exclude}
+        self.storages = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor):
+        s = t.untyped_storage()
+        return (t.device.type, s.data_ptr())
+
+    def pack(self, t: torch.Tensor):
+        try:
+            key = self._key(t)
+            if key not in self.exclude:
+                self.storages[key] = t.untyped_storage().nbytes()
+        except Exception:  # noqa: BLE001 - tensors without storage (fake, nested) count nothing
+            pass
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.storages.values()))
+
+
+def autocast_ctx(cfg: Config):
+    """Autocast in the suite dtype for the block and model levels (mixed precision as users
+    train); a no-op for float32."""
+    if cfg.dtype in (torch.float16, torch.bfloat16):
+        # no weight-cast cache: CUDA-graph capture requires it off, and every variant gets the same
+        return torch.autocast(cfg.device.type, dtype=cfg.dtype, cache_enabled=False)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def amp_dtype_name(cfg: Config) -> str:
+    return f"amp-{cfg.dtype_name}" if cfg.dtype in (torch.float16, torch.bfloat16) else cfg.dtype_name
