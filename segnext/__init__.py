@@ -17,6 +17,8 @@ from .model import (HEAD_SETTINGS, SegNeXt, build, segnext_b, segnext_l, segnext
 from .mscan import (MLP_RATIOS, MSCAN, MSCAN_SETTINGS, Block, DropPath, DWConv, Mlp,
                     OverlapPatchEmbed, SpatialAttention, StemConv, mscan)
 from .param_groups import OFFICIAL_CUSTOM_KEYS, param_groups
+from .data import ADE20K, SyntheticShapes
+from .metrics import ConfusionMatrix, SegmentationScores, mean_iou
 
 __all__ = [
     "SegNeXt", "build", "segnext_t", "segnext_s", "segnext_b", "segnext_l", "upsample_logits",
@@ -27,4 +29,5 @@ __all__ = [
     "load_checkpoint", "convert_state_dict", "key_family", "LoadResult",
     "CheckpointMismatchError",
     "param_groups", "OFFICIAL_CUSTOM_KEYS",
+    "ADE20K", "SyntheticShapes", "ConfusionMatrix", "SegmentationScores", "mean_iou",
 ]

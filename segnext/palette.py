@@ -1,0 +1,40 @@
+"""Colours for class maps: ``palette(num_classes)`` and ``colorize(labels, palette)``.
+
+The palette is the bit-interleaved one of PASCAL VOC's devkit, extended to any class count:
+class k takes its bits three at a time, one each for red, green and blue, from the highest bit
+of each channel down. It is deterministic, needs no table, and neighbouring class indices get
+clearly different colours (class 0 is black).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_COLOUR = (255, 255, 255)  # what an ignored pixel (label 255 in a ground truth) is drawn as
+
+
+def palette(num_classes: int) -> torch.Tensor:
+    """(num_classes, 3) uint8 RGB colours, one per class."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    colours = torch.zeros(num_classes, 3, dtype=torch.uint8)
+    for k in range(num_classes):
+        rgb = [0, 0, 0]
+        bits, shift = k, 7
+        while bits and shift >= 0:
+            for channel in range(3):
+                rgb[channel] |= ((bits >> channel) & 1) << shift
+            bits >>= 3
+            shift -= 1
+        colours[k] = torch.tensor(rgb, dtype=torch.uint8)
+    return colours
+
+
+def colorize(labels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """(H, W) class indices -> (H, W, 3) uint8 RGB; indices outside the palette (e.g. 255 =
+    ignore) are drawn in ``IGNORE_COLOUR``."""
+    labels = labels.long()
+    known = (labels >= 0) & (labels < colours.shape[0])
+    out = torch.empty(*labels.shape, 3, dtype=torch.uint8)
+    out[...] = torch.tensor(IGNORE_COLOUR, dtype=torch.uint8)
+    out[known] = colours[labels[known]]
+    return out
