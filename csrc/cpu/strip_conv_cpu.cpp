@@ -20,22 +20,38 @@ void strip_conv_channels_last(const scalar_t* x, const float* wt /* [k][C] */, c
                               bool horizontal) {
   const int64_t pad = k / 2;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(C);
+    // A whole output row of accumulators: each tap is then one long contiguous multiply-add
+    // over (valid columns x C), which the compiler vectorises.
+    std::vector<float> row_acc(W * C);
+    float* __restrict acc = row_acc.data();
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      for (int64_t w = 0; w < W; ++w) {
-        for (int64_t c = 0; c < C; ++c) acc[c] = bias ? bias[c] : 0.f;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t hh = horizontal ? h : h + j - pad;
-          const int64_t ww = horizontal ? w + j - pad : w;
-          if (hh < 0 || hh >= H || ww < 0 || ww >= W) continue;
-          const scalar_t* xp = x + ((b * H + hh) * W + ww) * C;
-          const float* wp = wt + j * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += wp[c] * static_cast<float>(xp[c]);
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) acc[w * C + c] = bias ? bias[c] : 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t d = j - pad;
+        const float* __restrict wp = wt + j * C;
+        if (horizontal) {
+          const int64_t w0 = std::max<int64_t>(0, -d), w1 = std::min<int64_t>(W, W - d);
+          const scalar_t* __restrict src = x + ((b * H + h) * W + d) * C;
+          for (int64_t w = w0; w < w1; ++w) {
+            float* __restrict a = acc + w * C;
+            const scalar_t* __restrict xs = src + w * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += wp[c] * static_cast<float>(xs[c]);
+          }
+        } else {
+          const int64_t hh = h + d;
+          if (hh < 0 || hh >= H) continue;
+          const scalar_t* __restrict src = x + (b * H + hh) * W * C;
+          for (int64_t w = 0; w < W; ++w) {
+            float* __restrict a = acc + w * C;
+            const scalar_t* __restrict xs = src + w * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += wp[c] * static_cast<float>(xs[c]);
+          }
         }
-        scalar_t* op = out + ((b * H + h) * W + w) * C;
-        for (int64_t c = 0; c < C; ++c) op[c] = static_cast<scalar_t>(acc[c]);
       }
+      scalar_t* __restrict op = out + (b * H + h) * W * C;
+      for (int64_t i = 0; i < W * C; ++i) op[i] = static_cast<scalar_t>(acc[i]);
     }
   });
 }
