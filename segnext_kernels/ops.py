@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
+from ._validate import memory_format_of
 from .backends import register_op
 
 
@@ -71,8 +72,7 @@ def _msca_kernels(backend: str):
         mod = importlib.import_module("segnext_kernels.msca.triton")
         return mod.msca_forward, mod.msca_backward
     if backend in ("cpu", "cuda"):
-        _C = _extension.require()
-        del _C
+        _extension.require()  # a clear error naming the fix when _C is missing
         return torch.ops.segnext.msca_fwd, torch.ops.segnext.msca_bwd
     raise ValueError(f"msca has no fused kernel for backend {backend!r}")
 
@@ -111,13 +111,9 @@ def _msca_setup_context(ctx, inputs, output):
 
 def _msca_backward(ctx, grad):
     u, *weights = ctx.saved_tensors
-    grads = msca_backward_op(grad.contiguous(memory_format=_fmt(u)), u, weights, ctx.backend)
+    grads = msca_backward_op(grad.contiguous(memory_format=memory_format_of(u)), u, weights,
+                             ctx.backend)
     return (*grads, None)
-
-
-def _fmt(t: Tensor) -> torch.memory_format:
-    from ._validate import memory_format_of
-    return memory_format_of(t)
 
 
 torch.library.register_autograd("segnext::msca", _msca_backward, setup_context=_msca_setup_context)
