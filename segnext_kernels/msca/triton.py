@@ -191,6 +191,26 @@ def _dw5_feed(A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, u_row, u_ok, cols_m, 
 
 
 @triton.jit
+def _dw5_row(A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, y, y_lo, H, u_b, sH, cols_m, cols_h,
+             h_lane, colok_m, colok_h, W, sW, ch_off, ch_ok, wt, bias_a, zm, zh,
+             CP: tl.constexpr):
+    """Feed u row y+2 into the rolling 5x5 and complete a row y (tile columns a_m, halo lanes
+    a_h; zero outside the image, since it is the padded input of the strips). Returns the a row
+    and the accumulators rolled by one row (shared by the forward and the strip backward)."""
+    yu = y + 2
+    u_row = u_b + yu * sH
+    u_ok = (yu >= 0) & (yu < H)
+    for dx in tl.static_range(5):
+        A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4 = _dw5_feed(
+            A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, u_row, u_ok, cols_m, cols_h,
+            h_lane, W, sW, ch_off, ch_ok, wt, CP, dx)
+    y_ok = (y >= y_lo) & (y < H)
+    a_m = tl.where((y_ok & colok_m)[:, None], A0 + bias_a, 0.0)
+    a_h = tl.where((y_ok & colok_h)[:, None], AH0 + bias_a, 0.0)
+    return a_m, a_h, A1, A2, A3, A4, zm, AH1, AH2, AH3, AH4, zh
+
+
+@triton.jit
 def _vcontrib(m: tl.constexpr, a, h7, h11, h21, wt, CP: tl.constexpr):
     """What a row y and the h rows y add to s row y - 10 + m (the vertical taps, seen from h):
     tap j of a k-tap strip maps h row y to s row y - j + k//2."""
@@ -289,27 +309,10 @@ def msca_dw_forward_kernel(
         tl.debug_barrier()                   # scratch of the previous tile fully read
         # y = the a/h row completed in this iteration; the first 4 only fill the 5x5 pipeline
         for y in range(y_lo - 4, r_end + HALO):
-            yu = y + 2
-            u_row = u_b + yu * sH
-            u_ok = (yu >= 0) & (yu < H)
-            for dx in tl.static_range(5):
-                A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4 = _dw5_feed(
-                    A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, u_row, u_ok, cols_m, cols_h,
-                    h_lane, W, sW, ch_off, ch_ok, wt, CP, dx)
-            # a row y: zero outside the image (it is the padded input of the strips)
-            y_ok = (y >= y_lo) & (y < H)
-            a_m = tl.where((y_ok & colok_m)[:, None], A0 + bias_a, 0.0)
-            a_h = tl.where((y_ok & colok_h)[:, None], AH0 + bias_a, 0.0)
-            A0 = A1
-            A1 = A2
-            A2 = A3
-            A3 = A4
-            A4 = zm
-            AH0 = AH1
-            AH1 = AH2
-            AH2 = AH3
-            AH3 = AH4
-            AH4 = zh
+            a_m, a_h, A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4 = _dw5_row(
+                A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, y, y_lo, H, u_b, sH, cols_m,
+                cols_h, h_lane, colok_m, colok_h, W, sW, ch_off, ch_ok, wt, bias_a, zm, zh, CP)
+            y_ok = (y >= y_lo) & (y < H)  # the h rows of y are zero outside the image too
             row = scr + ((y - y_lo) & 1) * ((TW + 2 * HALO) * BC)
             _store_scratch_row(row, xm, a_m, h_pos, h_lane, a_h, BC)
             tl.debug_barrier()               # the row is visible to every thread of the program
@@ -555,26 +558,10 @@ def msca_strip_backward_kernel(
         for y in range(y_lo - 4, y_hi):
             par = (y - y_lo) & 1
             # ---- recompute a row y (rolling 5x5, as in the forward) -> scratch
-            yu = y + 2
-            u_row = u_b + yu * sH
-            u_ok = (yu >= 0) & (yu < H)
-            for dx in tl.static_range(5):
-                A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4 = _dw5_feed(
-                    A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, u_row, u_ok, cols_m, cols_h,
-                    h_lane, W, sW, ch_off, ch_ok, wt, CP, dx)
-            y_ok = (y >= y_lo) & (y < H)
-            a_m = tl.where((y_ok & colok_m)[:, None], A0 + bias_a, 0.0)
-            a_h = tl.where((y_ok & colok_h)[:, None], AH0 + bias_a, 0.0)
-            A0 = A1
-            A1 = A2
-            A2 = A3
-            A3 = A4
-            A4 = zm
-            AH0 = AH1
-            AH1 = AH2
-            AH2 = AH3
-            AH3 = AH4
-            AH4 = zh
+            a_m, a_h, A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4 = _dw5_row(
+                A0, A1, A2, A3, A4, AH0, AH1, AH2, AH3, AH4, y, y_lo, H, u_b, sH, cols_m,
+                cols_h, h_lane, colok_m, colok_h, W, sW, ch_off, ch_ok, wt, bias_a, zm, zh, CP)
+            y_ok = (y >= y_lo) & (y < H)  # the h rows of y are zero outside the image too
             arow = scr_a + par * SROW
             _store_scratch_row(arow, xm, a_m, h_pos, h_lane, a_h, BC)
             tl.debug_barrier()
