@@ -19,6 +19,13 @@ TORCH_LIBRARY(segnext, m) {
   m.def("msca_bwd(Tensor grad, Tensor u, Tensor w0, Tensor b0, Tensor w0_1, Tensor b0_1, "
         "Tensor w0_2, Tensor b0_2, Tensor w1_1, Tensor b1_1, Tensor w1_2, Tensor b1_2, "
         "Tensor w2_1, Tensor b2_1, Tensor w2_2, Tensor b2_2, Tensor w3, Tensor b3) -> Tensor[]");
+  // Fused depthwise 3x3 conv + bias + GELU of the MLPs (csrc/cpu/dwconv_gelu_cpu.cpp);
+  // dwconv3x3_gelu_bwd returns [grad_x, grad_weight, grad_bias].
+  m.def("dwconv3x3_gelu_fwd(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("dwconv3x3_gelu_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias) -> Tensor[]");
+  // The whole MSCAN MLP, fc2(gelu(dw3x3(fc1(x)))), for inference (csrc/cpu/mlp_cpu.cpp).
+  m.def("mlp_fwd(Tensor x, Tensor w1, Tensor b1, Tensor wd, Tensor bd, Tensor w2, Tensor b2) "
+        "-> Tensor");
 }
 
 namespace py = pybind11;

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-from segnext_kernels import MSCA
+from segnext_kernels import MSCA, mlp
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -100,7 +100,12 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 (1x1) -> depthwise 3x3 -> GELU -> dropout -> fc2 (1x1) -> dropout (§1.7)."""
+    """fc1 (1x1) -> depthwise 3x3 -> GELU -> dropout -> fc2 (1x1) -> dropout (§1.7).
+
+    Runs ``segnext_kernels.mlp`` with the selected backend: for inference the whole MLP is
+    one fused op, in training fc1 -> fused dwconv+GELU -> fc2 (the reference backend runs the
+    modules as written). Dropout (p > 0, training) keeps the module path.
+    """
 
     def __init__(self, channels: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -111,8 +116,12 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.dwconv(self.fc1(x)))
-        return self.drop(self.fc2(self.drop(x)))
+        if self.training and self.drop.p > 0:
+            x = self.act(self.dwconv(self.fc1(x)))
+            return self.drop(self.fc2(self.drop(x)))
+        conv = self.dwconv.dwconv
+        return mlp(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias, self.fc2.weight,
+                   self.fc2.bias)
 
 
 class SpatialAttention(nn.Module):

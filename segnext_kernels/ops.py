@@ -54,6 +54,20 @@ def _register_cxx_fakes() -> None:
         def _(grad, u, *w):
             return [torch.empty_like(u)] + [torch.empty_like(t) for t in w]
 
+    if _cxx_kernel("dwconv3x3_gelu_fwd", "CPU"):
+        @torch.library.register_fake("segnext::dwconv3x3_gelu_fwd")
+        def _(x, weight, bias):
+            return torch.empty_like(x)
+
+        @torch.library.register_fake("segnext::dwconv3x3_gelu_bwd")
+        def _(grad, x, weight, bias):
+            return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
+
+    if _cxx_kernel("mlp_fwd", "CPU"):
+        @torch.library.register_fake("segnext::mlp_fwd")
+        def _(x, *weights):
+            return torch.empty_like(x)
+
 
 _register_cxx_fakes()
 
@@ -121,6 +135,87 @@ torch.library.register_autograd("segnext::msca", _msca_backward, setup_context=_
 
 def msca_fused(u: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
     return msca_op(u, *weights, backend)
+
+# --------------------------------------------------------------------------------------------
+# dwconv_gelu: the MLP's depthwise 3x3 conv + bias + GELU
+# --------------------------------------------------------------------------------------------
+register_op("dwconv_gelu", ("cpu",) if _cxx_kernel("dwconv3x3_gelu_fwd", "CPU") else ())
+
+
+def _dwconv_gelu_kernels(backend: str):
+    if backend == "cpu":
+        _extension.require()
+        return torch.ops.segnext.dwconv3x3_gelu_fwd, torch.ops.segnext.dwconv3x3_gelu_bwd
+    raise ValueError(f"dwconv_gelu has no fused kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("segnext::dwconv_gelu", mutates_args=())
+def dwconv_gelu_op(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
+    fwd, _ = _dwconv_gelu_kernels(backend)
+    return fwd(x, weight, bias)
+
+
+@dwconv_gelu_op.register_fake
+def _(x, weight, bias, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("segnext::dwconv_gelu_backward", mutates_args=())
+def dwconv_gelu_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                            backend: str) -> List[Tensor]:
+    """[grad_x, grad_weight, grad_bias]."""
+    _, bwd = _dwconv_gelu_kernels(backend)
+    return list(bwd(grad, x, weight, bias))
+
+
+@dwconv_gelu_backward_op.register_fake
+def _(grad, x, weight, bias, backend):
+    return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
+
+
+def _dwconv_gelu_setup_context(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, weight, bias)  # z and gelu'(z) are recomputed from x
+
+
+def _dwconv_gelu_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb = dwconv_gelu_backward_op(grad.contiguous(memory_format=memory_format_of(x)), x,
+                                         weight, bias, ctx.backend)
+    return gx, gw, gb, None
+
+
+torch.library.register_autograd("segnext::dwconv_gelu", _dwconv_gelu_backward,
+                                setup_context=_dwconv_gelu_setup_context)
+
+
+def dwconv_gelu_fused(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
+    return dwconv_gelu_op(x, weight, bias, backend)
+
+# --------------------------------------------------------------------------------------------
+# mlp: the whole MSCAN MLP, fc2(gelu(dw3x3(fc1(x)))), for inference (no autograd formula: the
+# functional wrapper runs fc1, dwconv_gelu and fc2 when a gradient is needed)
+# --------------------------------------------------------------------------------------------
+register_op("mlp", ("cpu",) if _cxx_kernel("mlp_fwd", "CPU") else ())
+
+
+@torch.library.custom_op("segnext::mlp", mutates_args=())
+def mlp_op(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b2: Tensor,
+           backend: str) -> Tensor:
+    if backend != "cpu":
+        raise ValueError(f"mlp has no fused kernel for backend {backend!r}")
+    _extension.require()
+    return torch.ops.segnext.mlp_fwd(x, w1, b1, wd, bd, w2, b2)
+
+
+@mlp_op.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def mlp_fused(x: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
+    return mlp_op(x, *weights, backend)
 
 # --------------------------------------------------------------------------------------------
 # nmf2d: the NMF decomposition of Hamburger (X (b, D, N), bases (b, D, R) -> reconstruction)

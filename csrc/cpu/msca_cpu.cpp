@@ -34,6 +34,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "poison.h"
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -43,74 +46,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in inline helpers: no ABI exposure
-#endif
-
 namespace segnext {
 namespace {
-
-// ------------------------------------------------------------------------------------------
-// One 64-byte vector of the accumulation type.
-// ------------------------------------------------------------------------------------------
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float vec __attribute__((vector_size(64), __may_alias__));
-  static constexpr int L = 16;
-};
-template <>
-struct Lanes<double> {
-  typedef double vec __attribute__((vector_size(64), __may_alias__));
-  static constexpr int L = 8;
-};
-template <typename T>
-using vec_t = typename Lanes<T>::vec;
-
-// All internal buffers are 64-byte aligned and indexed in whole vectors.
-template <typename T>
-inline vec_t<T> vload(const T* p) {
-  return *reinterpret_cast<const vec_t<T>*>(p);
-}
-template <typename T>
-inline void vstore(T* p, vec_t<T> v) {
-  *reinterpret_cast<vec_t<T>*>(p) = v;
-}
-// The caller's tensors carry no alignment promise.
-template <typename T>
-inline vec_t<T> vloadu(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void vstoreu(T* p, vec_t<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// L contiguous elements of the caller's dtype.
-template <typename T, typename scalar_t>
-inline void store_lanes(scalar_t* p, vec_t<T> v) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    vstoreu(p, v);
-  } else {
-    for (int l = 0; l < Lanes<T>::L; ++l) p[l] = static_cast<scalar_t>(v[l]);
-  }
-}
-
-// Broadcast (spelled out: `vec{} + x` costs an add, 0 + x being no identity for x = -0).
-inline vec_t<float> vsplat(float x) {
-  return vec_t<float>{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
-inline vec_t<double> vsplat(double x) { return vec_t<double>{x, x, x, x, x, x, x, x}; }
-
-template <typename T>
-struct NoDeduceImpl {
-  using type = T;
-};
-template <typename T>
-using NoDeduce = typename NoDeduceImpl<T>::type;  // (std::type_identity_t is C++20)
 
 constexpr int kBranches = 3;
 constexpr int kStripK[kBranches] = {7, 11, 21};
@@ -120,8 +57,6 @@ constexpr int kHalo = 10;  // the largest strip's half width
 constexpr int kPad0 = 2;   // dw5x5's half width
 constexpr int kVRows = 4;  // output rows per call of the vertical strips
 
-constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-constexpr int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
 // ------------------------------------------------------------------------------------------
 // Per-thread scratch: kept between calls, so a call pays no page faults for its rings.
@@ -1240,15 +1175,6 @@ void check_inputs(const char* op, const at::Tensor& u, const std::vector<at::Ten
     TORCH_CHECK(w[i].device().is_cpu(), op, ": ", kWeightNames[i],
                 " must be a CPU tensor, got device ", w[i].device());
   }
-}
-
-// SEGNEXT_POISON=1: fill outputs with NaN before computing (tests that every element is written).
-bool poison_outputs() {
-  static const bool poison = [] {
-    const char* e = std::getenv("SEGNEXT_POISON");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return poison;
 }
 
 std::vector<at::Tensor> weights_as(const std::vector<at::Tensor>& w, at::ScalarType dt) {

@@ -1,0 +1,124 @@
+// The depthwise 3x3 conv + bias + GELU of the MSCAN MLP, channels-last, one row at a time:
+// shared by the dwconv_gelu op (dwconv_gelu_cpu.cpp) and the fused MLP (mlp_cpu.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace segnext {
+namespace {
+
+constexpr int kTaps = 9;  // 3x3; tap k = i * 3 + j reads x[h + i - 1][w + j - 1]
+
+// The filter as [tap][Cp] and the bias as [Cp], in the accumulation type, zero padded to
+// whole vectors.
+template <typename T>
+struct PackedFilter {
+  int64_t Cp;
+  std::vector<T> taps, bias;
+  PackedFilter(const at::Tensor& weight, const at::Tensor& b, int64_t C)
+      : Cp(round_up(C, Lanes<T>::L)), taps(kTaps * Cp, T(0)), bias(Cp, T(0)) {
+    auto w = weight.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
+    auto bb = b.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* wp = w.template data_ptr<T>();  // (C, 1, 3, 3)
+    const T* bp = bb.template data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int k = 0; k < kTaps; ++k) taps[k * Cp + c] = wp[c * kTaps + k];
+      bias[c] = bp[c];
+    }
+  }
+};
+
+template <typename T>
+inline void load_filter(const PackedFilter<T>& f, int64_t c0, vec_t<T> wv[kTaps], vec_t<T>& bias) {
+  for (int k = 0; k < kTaps; ++k) wv[k] = vloadu(f.taps.data() + k * f.Cp + c0);
+  bias = vloadu(f.bias.data() + c0);
+}
+
+// A whole vector of channels (kFull) or the first n of one (the channel tail).
+template <typename T, bool kFull, typename scalar_t>
+inline vec_t<T> load_block(const scalar_t* p, int n) {
+  return kFull ? load_lanes<T>(p) : load_lanes<T>(p, n);
+}
+
+// z at column w for one channel block: rows[i] is image row h + i - 1 (or a zero row), offset
+// to the block's first channel. kEdge: w may be the first or last column (taps outside the
+// image are skipped).
+template <typename T, bool kFull, bool kEdge, typename scalar_t>
+inline vec_t<T> conv_at(const scalar_t* const rows[3], const vec_t<T> wv[kTaps], vec_t<T> bias,
+                        int64_t w, int64_t W, int64_t C, int n) {
+  vec_t<T> acc = bias;
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      const int64_t ww = w + j - 1;
+      if (kEdge && (ww < 0 || ww >= W)) continue;
+      acc += wv[i * 3 + j] * load_block<T, kFull>(rows[i] + ww * C, n);
+    }
+  }
+  return acc;
+}
+
+// Calls body(w0, w1, c0, n, kFull, kEdge) for every chunk of kChunk columns [w0, w1) and
+// channel block c0 (n channels) of a row: chunks outer, channel blocks inner, columns of the
+// chunk innermost. A chunk's rows are a few KB of contiguous memory, so they stream through the
+// hardware prefetchers (a channel-outer order walks whole rows with a stride of C and stalls on
+// every line), while per-block state (filter, gradient sums) is loaded once per chunk. Interior
+// chunks and whole channel blocks get the branch-free instantiations.
+constexpr int64_t kChunk = 8;
+template <int L, typename F>
+inline void for_each_chunk(int64_t W, int64_t C, F&& body) {
+  const int64_t full = C / L * L;
+  auto blocks = [&](int64_t w0, int64_t w1, auto edge) {
+    for (int64_t c0 = 0; c0 < full; c0 += L) body(w0, w1, c0, L, std::true_type{}, edge);
+    if (full < C) body(w0, w1, full, static_cast<int>(C - full), std::false_type{}, edge);
+  };
+  for (int64_t w0 = 0; w0 < W; w0 += kChunk) {
+    const int64_t w1 = std::min(W, w0 + kChunk);
+    if (w0 == 0 || w1 == W) {
+      blocks(w0, w1, std::true_type{});
+    } else {
+      blocks(w0, w1, std::false_type{});
+    }
+  }
+}
+
+// One row of y = gelu(dw3x3(x) + b): rows[i] is input row h + i - 1 (a zero row outside the
+// image), each W * C values, channels-last.
+template <typename scalar_t, typename T>
+inline void dwconv_gelu_row(const scalar_t* const rows[3], const PackedFilter<T>& f,
+                            scalar_t* yrow, int64_t W, int64_t C) {
+  vec_t<T> wv[kTaps], bias;
+  for_each_chunk<Lanes<T>::L>(W, C, [&](int64_t w0, int64_t w1, int64_t c0, int n, auto full,
+                                        auto edge) {
+    constexpr bool kFull = decltype(full)::value, kEdge = decltype(edge)::value;
+    load_filter(f, c0, wv, bias);
+    const scalar_t* crow[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
+    for (int64_t w = w0; w < w1; ++w) {
+      const vec_t<T> out = vgelu(conv_at<T, kFull, kEdge>(crow, wv, bias, w, W, C, n));
+      if constexpr (kFull) {
+        store_lanes<T>(yrow + w * C + c0, out);
+      } else {
+        store_lanes<T>(yrow + w * C + c0, out, n);
+      }
+    }
+  });
+}
+
+// The three input rows around row h of image b (a zero row outside the image).
+template <typename scalar_t>
+inline void input_rows(const scalar_t* x, const scalar_t* zero_row, int64_t b, int64_t h,
+                       int64_t H, int64_t W, int64_t C, const scalar_t* rows[3]) {
+  for (int i = 0; i < 3; ++i) {
+    const int64_t hh = h + i - 1;
+    rows[i] = (hh >= 0 && hh < H) ? x + ((b * H + hh) * W) * C : zero_row;
+  }
+}
+
+}  // namespace
+}  // namespace segnext

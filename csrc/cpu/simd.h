@@ -1,0 +1,203 @@
+// 64-byte vectors of the accumulation type for the CPU kernels (GCC/Clang vector extensions,
+// lowered to AVX-512 with -march=native, to narrower vectors otherwise: slower, never wrong),
+// and the vectorised exp/erf the GELU kernels need.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in inline helpers: no ABI exposure
+#endif
+
+namespace segnext {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// One 64-byte vector of the accumulation type.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float vec __attribute__((vector_size(64), __may_alias__));
+  static constexpr int L = 16;
+};
+template <>
+struct Lanes<double> {
+  typedef double vec __attribute__((vector_size(64), __may_alias__));
+  static constexpr int L = 8;
+};
+template <typename T>
+using vec_t = typename Lanes<T>::vec;
+
+// All internal buffers are 64-byte aligned and indexed in whole vectors.
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  return *reinterpret_cast<const vec_t<T>*>(p);
+}
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  *reinterpret_cast<vec_t<T>*>(p) = v;
+}
+// The caller's tensors carry no alignment promise.
+template <typename T>
+inline vec_t<T> vloadu(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstoreu(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// L contiguous elements of the caller's dtype.
+template <typename T, typename scalar_t>
+inline void store_lanes(scalar_t* p, vec_t<T> v) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    vstoreu(p, v);
+  } else {
+    for (int l = 0; l < Lanes<T>::L; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// Broadcast (spelled out: `vec{} + x` costs an add, 0 + x being no identity for x = -0).
+inline vec_t<float> vsplat(float x) {
+  return vec_t<float>{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+inline vec_t<double> vsplat(double x) { return vec_t<double>{x, x, x, x, x, x, x, x}; }
+
+template <typename T>
+struct NoDeduceImpl {
+  using type = T;
+};
+template <typename T>
+using NoDeduce = typename NoDeduceImpl<T>::type;  // (std::type_identity_t is C++20)
+
+// L elements of the caller's dtype, converted to the accumulation type; `n` < L loads a
+// partial vector (the channel tail), zero filled.
+template <typename T, typename scalar_t>
+inline vec_t<T> load_lanes(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return vloadu(p);
+  } else {
+    vec_t<T> v;
+    for (int l = 0; l < Lanes<T>::L; ++l) v[l] = static_cast<T>(p[l]);
+    return v;
+  }
+}
+template <typename T, typename scalar_t>
+inline vec_t<T> load_lanes(const scalar_t* p, int n) {
+  if (n == Lanes<T>::L) return load_lanes<T>(p);
+  vec_t<T> v = vsplat(T(0));
+  for (int l = 0; l < n; ++l) v[l] = static_cast<T>(p[l]);
+  return v;
+}
+template <typename T, typename scalar_t>
+inline void store_lanes(scalar_t* p, vec_t<T> v, int n) {
+  if (n == Lanes<T>::L) return store_lanes<T>(p, v);
+  for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(v[l]);
+}
+
+// ------------------------------------------------------------------------------------------
+// exp, erf and GELU on whole vectors. float: polynomial approximations (erf to 4.2e-7
+// absolute, exp to ~1 ulp), NaN propagating; double: the C library, lane by lane (the float64
+// path exists for gradcheck, where the function and its derivative must agree exactly).
+// ------------------------------------------------------------------------------------------
+inline vec_t<float> vclamp(vec_t<float> x, float lo, float hi) {
+  x = x < vsplat(lo) ? vsplat(lo) : x;  // comparisons are false for NaN: NaN passes through
+  return x > vsplat(hi) ? vsplat(hi) : x;
+}
+
+inline vec_t<float> vexp(vec_t<float> x) {
+  typedef int32_t ivec __attribute__((vector_size(64)));
+  x = vclamp(x, -87.0f, 88.0f);  // 2^n stays a normal float
+  // x = n ln2 + r, |r| <= ln2/2; n by the 1.5 * 2^23 rounding trick (round to nearest).
+  const vec_t<float> shifter = vsplat(12582912.0f);
+  vec_t<float> n = (x * vsplat(1.44269504088896341f) + shifter) - shifter;
+  vec_t<float> r = x - n * vsplat(0.693359375f);  // ln2 in two pieces: the product is exact
+  r = r - n * vsplat(-2.12194440e-4f);
+  vec_t<float> p = vsplat(1.0f / 5040.0f);
+  p = p * r + vsplat(1.0f / 720.0f);
+  p = p * r + vsplat(1.0f / 120.0f);
+  p = p * r + vsplat(1.0f / 24.0f);
+  p = p * r + vsplat(1.0f / 6.0f);
+  p = p * r + vsplat(0.5f);
+  p = p * r + vsplat(1.0f);
+  p = p * r + vsplat(1.0f);
+  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec_t<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// 1 / q: the 14-bit AVX-512 estimate and one Newton step (~1 ulp), several times the
+// throughput of a vector division; a division elsewhere.
+inline vec_t<float> vrecip(vec_t<float> q) {
+#if defined(__AVX512F__)
+  const vec_t<float> r = reinterpret_cast<vec_t<float>>(_mm512_rcp14_ps(reinterpret_cast<__m512>(q)));
+  return r * (vsplat(2.0f) - q * r);
+#else
+  return vsplat(1.0f) / q;
+#endif
+}
+
+// erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (erf is +-1 in float beyond), P of degree 6, Q of 4.
+inline vec_t<float> verf(vec_t<float> x) {
+  x = vclamp(x, -4.0f, 4.0f);
+  const vec_t<float> x2 = x * x;
+  vec_t<float> p = vsplat(-2.72614225801306e-10f);
+  p = p * x2 + vsplat(2.77068142495902e-08f);
+  p = p * x2 + vsplat(-2.10102402082508e-06f);
+  p = p * x2 + vsplat(-5.69250639462346e-05f);
+  p = p * x2 + vsplat(-7.34990630326855e-04f);
+  p = p * x2 + vsplat(-2.95459980854025e-03f);
+  p = p * x2 + vsplat(-1.60960333262415e-02f);
+  vec_t<float> q = vsplat(-1.45660718464996e-05f);
+  q = q * x2 + vsplat(-2.13374055278905e-04f);
+  q = q * x2 + vsplat(-1.68282697438203e-03f);
+  q = q * x2 + vsplat(-7.37332916720468e-03f);
+  q = q * x2 + vsplat(-1.42647390514189e-02f);
+  return x * p * vrecip(q);  // Q <= -0.0142 everywhere: never 0
+}
+
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+// gelu(z) = z Phi(z), Phi the standard normal CDF (nn.GELU with approximate='none').
+inline vec_t<float> vgelu(vec_t<float> z) {
+  const vec_t<float> half = vsplat(0.5f);
+  return z * (half + half * verf(z * vsplat(static_cast<float>(kSqrtHalf))));
+}
+inline vec_t<double> vgelu(vec_t<double> z) {
+  for (int l = 0; l < Lanes<double>::L; ++l) z[l] = z[l] * 0.5 * (1.0 + std::erf(z[l] * kSqrtHalf));
+  return z;
+}
+
+// gelu'(z) = Phi(z) + z phi(z), phi the standard normal density.
+inline vec_t<float> vgelu_grad(vec_t<float> z) {
+  const vec_t<float> half = vsplat(0.5f);
+  const vec_t<float> cdf = half + half * verf(z * vsplat(static_cast<float>(kSqrtHalf)));
+  const vec_t<float> pdf = vsplat(static_cast<float>(kInvSqrt2Pi)) * vexp(z * z * vsplat(-0.5f));
+  return cdf + z * pdf;
+}
+inline vec_t<double> vgelu_grad(vec_t<double> z) {
+  for (int l = 0; l < Lanes<double>::L; ++l) {
+    const double x = z[l];
+    z[l] = 0.5 * (1.0 + std::erf(x * kSqrtHalf)) + x * kInvSqrt2Pi * std::exp(-0.5 * x * x);
+  }
+  return z;
+}
+
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+}  // namespace
+}  // namespace segnext

@@ -1,0 +1,44 @@
+"""``dwconv_gelu(x, weight, bias)``: validate, pick the backend, run the fused op or the reference."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._validate import check_same, check_shape, check_tensor, memory_format_of
+from .reference import dwconv_gelu_ref
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor):
+    """Under autocast, compute as conv2d would: everything in the autocast dtype."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return x.to(dt), weight.to(dt), bias.to(dt)
+    return x, weight, bias
+
+
+def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None = None) -> Tensor:
+    """``gelu(conv2d(x, weight, bias, padding=1, groups=C))``, fused.
+
+    ``x``: (B, C, H, W), float32/float16/bfloat16/float64, contiguous or channels_last (the
+    fast layout); ``weight`` (C, 1, 3, 3) and ``bias`` (C,). GELU is the exact (erf) one.
+    Returns a tensor of ``x``'s dtype and memory format. ``backend`` overrides the selected
+    one for this call.
+    """
+    check_tensor("x", x, dim=4)
+    check_tensor("weight", weight)
+    check_tensor("bias", bias)
+    C = x.shape[1]
+    check_shape("weight", weight, (C, 1, 3, 3))
+    check_shape("bias", bias, (C,))
+    x, weight, bias = _autocast(x, weight, bias)
+    check_same("x", x, [("weight", weight), ("bias", bias)])
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    name = backends.resolve("dwconv_gelu", x.device) if backend is None else backend
+    if name == "reference":
+        return dwconv_gelu_ref(x, weight, bias)
+    from ..ops import dwconv_gelu_fused
+    x = x.contiguous(memory_format=memory_format_of(x))
+    return dwconv_gelu_fused(x, weight.contiguous(), bias.contiguous(), name)

@@ -1,0 +1,66 @@
+"""``mlp(x, w1, b1, wd, bd, w2, b2)``: the MSCAN MLP with the selected backend's kernels.
+
+Inference (no gradient needed) runs the whole MLP as one fused op where the backend has one
+(``cpu``: the hidden activation never leaves the cache). When autograd needs the graph, fc1 and
+fc2 stay PyTorch convs and the dwconv + GELU between them is the fused ``dwconv_gelu`` op, whose
+backward is fused too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from .._validate import check_same, check_shape, check_tensor, memory_format_of
+from ..dwconv_gelu import dwconv_gelu
+from .reference import mlp_ref
+
+_NAMES = ("w1", "b1", "wd", "bd", "w2", "b2")
+
+
+def _autocast(x: Tensor, weights):
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return x.to(dt), [w.to(dt) for w in weights]
+    return x, list(weights)
+
+
+def mlp(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b2: Tensor, *,
+        backend: str | None = None) -> Tensor:
+    """``fc2(gelu(dw3x3(fc1(x))))`` for ``x`` (B, C, H, W), contiguous or channels_last (the
+    fast layout); ``w1`` (hidden, C, 1, 1), ``b1`` (hidden,), ``wd`` (hidden, 1, 3, 3), ``bd``
+    (hidden,), ``w2`` (C, hidden, 1, 1), ``b2`` (C,). Returns ``x``'s dtype and memory format.
+    """
+    check_tensor("x", x, dim=4)
+    weights = [w1, b1, wd, bd, w2, b2]
+    for name, w in zip(_NAMES, weights):
+        check_tensor(name, w)
+    C = x.shape[1]
+    if w1.dim() != 4 or tuple(w1.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"w1 must have shape (hidden, {C}, 1, 1) for x with {C} channels, "
+                         f"got {tuple(w1.shape)}")
+    hidden = w1.shape[0]
+    for name, w, shape in zip(_NAMES[1:], weights[1:], [(hidden,), (hidden, 1, 3, 3), (hidden,),
+                                                        (C, hidden, 1, 1), (C,)]):
+        check_shape(name, w, shape)
+    x, weights = _autocast(x, weights)
+    check_same("x", x, list(zip(_NAMES, weights)))
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    name = backends.resolve("mlp", x.device) if backend is None else backend
+    if name == "reference":
+        return mlp_ref(x, *weights)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + weights)
+    if needs_grad or name not in backends.op_backends().get("mlp", ()):
+        w1, b1, wd, bd, w2, b2 = weights
+        return F.conv2d(dwconv_gelu(F.conv2d(x, w1, b1), wd, bd, backend=None if backend is None
+                                    else _dwconv_backend(backend)), w2, b2)
+    from ..ops import mlp_fused
+    x = x.contiguous(memory_format=memory_format_of(x))
+    return mlp_fused(x, [w.contiguous() for w in weights], name)
+
+
+def _dwconv_backend(name: str) -> str:
+    return name if name in backends.op_backends().get("dwconv_gelu", ()) else "reference"

@@ -1,0 +1,18 @@
+"""MLP reference: the specification, in plain PyTorch (autograd by PyTorch).
+
+y = fc2(gelu(dw3x3(fc1(x)))): the feed-forward part of every MSCAN block (architecture
+reference §1.7) without its dropouts; fc1 (C -> hidden) and fc2 (hidden -> C) are 1x1 convs
+with bias, dw3x3 a depthwise 3x3 conv with bias, GELU the exact (erf) one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dwconv_gelu.reference import dwconv_gelu_ref
+
+
+def mlp_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wd: torch.Tensor,
+            bd: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W); ``w1`` (hidden, C, 1, 1), ``wd`` (hidden, 1, 3, 3), ``w2`` (C, hidden, 1, 1)."""
+    return F.conv2d(dwconv_gelu_ref(F.conv2d(x, w1, b1), wd, bd), w2, b2)
