@@ -86,11 +86,12 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
-    from . import bench_block, bench_model, bench_msca, bench_nmf, bench_strip_conv
+    from . import bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_strip_conv
 
     builders = {
         "strip": [bench_strip_conv.cases],
         "msca": [bench_msca.cases],
+        "mlp": [bench_mlp.cases],
         "nmf": [bench_nmf.cases],
         "block": [bench_block.cases],
         "model": [bench_model.cases],

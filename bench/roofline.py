@@ -147,6 +147,25 @@ def block_cost(B: int, C: int, H: int, W: int, mlp_ratio: float, dtype: torch.dt
                 fma_flops=mult * fma, gemm_flops=mult * gemm, gemm_dtype=DTYPE_NAMES[dtype])
 
 
+def dwconv_gelu_cost(B: int, C: int, H: int, W: int, dtype: torch.dtype, backward: bool) -> Cost:
+    """Depthwise 3x3 + GELU: 9 FMAs per element (x3 with the backward: z again, grad_x,
+    grad_w); read x, write y (backward: read x and grad_y, write grad_x as well)."""
+    E, s = B * C * H * W, elsize(dtype)
+    mult = 3 if backward else 1
+    return Cost(bytes=(5 if backward else 2) * E * s + 10 * C * s, fma_flops=mult * 2 * 9 * E,
+                gemm_dtype=DTYPE_NAMES[dtype])
+
+
+def mlp_cost(B: int, C: int, H: int, W: int, mlp_ratio: float, dtype: torch.dtype) -> Cost:
+    """The MSCAN MLP forward: fc1 and fc2 at the GEMM rate, the 3x3 at the FMA rate; read x,
+    write the output (the hidden activation need not leave the cache)."""
+    E, s = B * C * H * W, elsize(dtype)
+    hidden = int(C * mlp_ratio)
+    params = (2 * C * hidden + 10 * hidden + C) * s
+    return Cost(bytes=2 * E * s + params, fma_flops=2 * 9 * hidden * H * W * B,
+                gemm_flops=2 * 2 * hidden * E, gemm_dtype=DTYPE_NAMES[dtype])
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring the ceilings
 # --------------------------------------------------------------------------------------------

@@ -125,10 +125,11 @@ def test_opcheck(fmt):
     torch.library.opcheck(torch.ops.segnext.dwconv_gelu.default, args)
 
 
-def test_deterministic_across_runs_and_threads(threads):
-    # Weight gradients are summed per slot of rows (a function of H only) and the slots in a
-    # fixed order: bitwise equal for any thread count.
-    x, w, b, g = make_inputs(2, 40, 37, 30, dtype=torch.float32, fmt=torch.channels_last)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_deterministic_across_runs_and_threads(fmt, threads):
+    # Weight gradients are summed per slot of rows (channels-last; a function of H only) or per
+    # plane (NCHW), then in a fixed order: bitwise equal for any thread count.
+    x, w, b, g = make_inputs(2, 40, 37, 30, dtype=torch.float32, fmt=FORMATS[fmt])
     runs = {}
     for nt in (1, 2, 2, 3):
         threads(nt)

@@ -8,10 +8,11 @@
 // hidden activation (4-8x the block's channels, the largest tensor of the network) plus the
 // z tensor in between. Here it is one pass that reads x and writes y.
 //
-// * Layout: channels-last; rows of one image are W*C contiguous values, and channels are the
-//   vector dimension (one 64-byte vector of the accumulation type, 16 floats, per step; a
-//   partial vector for the channel tail). Other layouts are converted once; results come back
-//   with empty_like(x)'s strides, as the Python fake promises.
+// * Channels-last (the fast layout): rows of one image are W*C contiguous values, and channels
+//   are the vector dimension (one 64-byte vector of the accumulation type, 16 floats, per step;
+//   a partial vector for the channel tail). NCHW: plane by plane, vectorised along the rows
+//   (below). Other strides are copied once; results come back with empty_like(x)'s strides,
+//   as the Python fake promises.
 // * Rows outside the image read a shared zero row; columns outside are skipped taps.
 // * Backward: grad_z = grad_y * gelu'(z) with z recomputed from x (nothing but x is saved).
 //   A task owns a slot of S rows of one image and streams down it with a ring of three grad_z
@@ -144,6 +145,135 @@ void backward_cl(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>& f
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// Contiguous (NCHW) inputs: every (image, channel) plane is its own 3x3 convolution, so the
+// kernels go plane by plane and vectorise along a row. Each row is first copied into a padded
+// buffer (column w at index w + 1, zeros before and after, up to whole vectors), so every tap
+// is a whole-vector load with no edge cases; lanes past the row's end are never stored.
+// ------------------------------------------------------------------------------------------
+template <typename T, typename scalar_t>
+inline void padded_row(const scalar_t* src, int64_t W, int64_t P, T* dst) {
+  dst[0] = T(0);
+  if (src == nullptr) {
+    std::fill(dst + 1, dst + P, T(0));
+    return;
+  }
+  for (int64_t w = 0; w < W; ++w) dst[w + 1] = static_cast<T>(src[w]);
+  std::fill(dst + W + 1, dst + P, T(0));
+}
+
+// z for the L columns from w0 of one row: rows[i] = padded input row h + i - 1.
+template <typename T>
+inline vec_t<T> conv_padded(const T* const rows[3], const vec_t<T> wk[kTaps], vec_t<T> bias,
+                            int64_t w0) {
+  vec_t<T> acc = bias;
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) acc += wk[i * 3 + j] * vloadu(rows[i] + w0 + j);
+  }
+  return acc;
+}
+
+template <typename T>
+inline void plane_filter(const PackedFilter<T>& f, int64_t c, vec_t<T> wk[kTaps], vec_t<T>& bias) {
+  for (int k = 0; k < kTaps; ++k) wk[k] = vsplat(f.taps[k * f.Cp + c]);
+  bias = vsplat(f.bias[c]);
+}
+
+template <typename scalar_t, typename T>
+void forward_nchw(const scalar_t* x, const PackedFilter<T>& f, scalar_t* y, int64_t B, int64_t C,
+                  int64_t H, int64_t W) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t P = round_up(W, L) + 2;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> store(3 * P);
+    vec_t<T> wk[kTaps], bias;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_filter(f, plane % C, wk, bias);
+      const scalar_t* xp = x + plane * H * W;
+      scalar_t* yp = y + plane * H * W;
+      T* rows[3] = {store.data(), store.data() + P, store.data() + 2 * P};
+      padded_row<T, scalar_t>(nullptr, W, P, rows[0]);
+      padded_row(xp, W, P, rows[1]);
+      for (int64_t h = 0; h < H; ++h) {
+        padded_row(h + 1 < H ? xp + (h + 1) * W : nullptr, W, P, rows[2]);
+        for (int64_t w0 = 0; w0 < W; w0 += L) {
+          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+          store_lanes<T>(yp + h * W + w0, vgelu(conv_padded(rows, wk, bias, w0)), n);
+        }
+        std::rotate(rows, rows + 1, rows + 3);
+      }
+    }
+  });
+}
+
+// Weight and bias gradient sums go to partials[plane][kTaps + 1], each summed along the plane
+// in a fixed order (per lane, then the lanes in order): deterministic for any thread count.
+template <typename scalar_t, typename T>
+void backward_nchw(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>& f, scalar_t* gx,
+                   T* partials, int64_t B, int64_t C, int64_t H, int64_t W) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t P = round_up(W, L) + 2;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> store(7 * P);
+    vec_t<T> wk[kTaps], bias;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_filter(f, plane % C, wk, bias);
+      const scalar_t* xp = x + plane * H * W;
+      const scalar_t* gp = gy + plane * H * W;
+      scalar_t* gxp = gx + plane * H * W;
+      auto x_row = [&](int64_t r) { return r >= 0 && r < H ? xp + r * W : nullptr; };
+      // xr: padded x rows h - 1 .. h + 2; gz: padded grad_z rows h - 1 .. h + 1.
+      T* xr[4] = {store.data(), store.data() + P, store.data() + 2 * P, store.data() + 3 * P};
+      T* gz[3] = {store.data() + 4 * P, store.data() + 5 * P, store.data() + 6 * P};
+      // grad_z of row r from the padded x rows r - 1 .. r + 1; zero pads kept zero.
+      auto grad_z_row = [&](int64_t r, const T* const rows[3], T* dst) {
+        std::fill(dst, dst + P, T(0));
+        if (r < 0 || r >= H) return;
+        for (int64_t w0 = 0; w0 < W; w0 += L) {
+          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+          const vec_t<T> g = load_lanes<T>(gp + r * W + w0, n);  // zero past the row's end
+          vstoreu(dst + w0 + 1, g * vgelu_grad(conv_padded(rows, wk, bias, w0)));
+        }
+        std::fill(dst + W + 1, dst + P, T(0));
+      };
+      padded_row<T, scalar_t>(nullptr, W, P, xr[0]);
+      padded_row(x_row(0), W, P, xr[1]);
+      padded_row(x_row(1), W, P, xr[2]);
+      std::fill(gz[0], gz[0] + P, T(0));
+      grad_z_row(0, xr, gz[1]);
+      vec_t<T> gw[kTaps + 1];
+      for (auto& v : gw) v = vsplat(T(0));
+      for (int64_t h = 0; h < H; ++h) {
+        padded_row(x_row(h + 2), W, P, xr[3]);
+        grad_z_row(h + 1, xr + 1, gz[2]);
+        for (int64_t w0 = 0; w0 < W; w0 += L) {
+          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+          //   grad_x[h][w] = sum_ij w_ij grad_z[h - i + 1][w - j + 1]
+          vec_t<T> acc = vsplat(T(0));
+          for (int i = 0; i < 3; ++i) {
+            for (int j = 0; j < 3; ++j) acc += wk[i * 3 + j] * vloadu(gz[2 - i] + w0 + 2 - j);
+          }
+          store_lanes<T>(gxp + h * W + w0, acc, n);
+          //   grad_w_ij += x[h + i - 1][w + j - 1] grad_z[h][w]   (grad_z is 0 past the end)
+          const vec_t<T> g = vloadu(gz[1] + w0 + 1);
+          for (int i = 0; i < 3; ++i) {
+            for (int j = 0; j < 3; ++j) gw[i * 3 + j] += g * vloadu(xr[i] + w0 + j);
+          }
+          gw[kTaps] += g;
+        }
+        std::rotate(xr, xr + 1, xr + 4);
+        std::rotate(gz, gz + 1, gz + 3);
+      }
+      T* part = partials + plane * (kTaps + 1);
+      for (int k = 0; k <= kTaps; ++k) {
+        T sum = T(0);
+        for (int l = 0; l < L; ++l) sum += gw[k][l];
+        part[k] = sum;
+      }
+    }
+  });
+}
+
 void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                 const at::Tensor& bias) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
@@ -159,9 +289,12 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
               weight.scalar_type(), " and ", bias.scalar_type());
 }
 
-// Channels-last view of t (a copy only when t is laid out otherwise).
-at::Tensor as_channels_last(const at::Tensor& t) {
-  return t.contiguous(at::MemoryFormat::ChannelsLast);
+// The layout the kernels run in: channels-last when x is laid out so, else NCHW (x strided
+// otherwise is copied once).
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 // Writes `computed` (channels-last) into a tensor with empty_like(like)'s strides.
@@ -177,14 +310,19 @@ at::Tensor dwconv3x3_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_args("dwconv3x3_gelu_fwd", x, weight, bias);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.numel() == 0) return at::empty_like(x);
-  const at::Tensor xc = as_channels_last(x);
-  at::Tensor y = at::empty_like(xc, at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat fmt = layout_of(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor y = at::empty_like(xc, fmt);
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dwconv3x3_gelu_fwd",
                                   [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const PackedFilter<T> f(weight, bias, C);
-    forward_cl<scalar_t, T>(xc.data_ptr<scalar_t>(), f, y.data_ptr<scalar_t>(), B, H, W, C);
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      forward_cl<scalar_t, T>(xc.data_ptr<scalar_t>(), f, y.data_ptr<scalar_t>(), B, H, W, C);
+    } else {
+      forward_nchw<scalar_t, T>(xc.data_ptr<scalar_t>(), f, y.data_ptr<scalar_t>(), B, C, H, W);
+    }
   });
   return in_format_of(y, x);
 }
@@ -200,23 +338,36 @@ std::vector<at::Tensor> dwconv3x3_gelu_bwd_cpu(const at::Tensor& grad, const at:
   if (x.numel() == 0) {
     return {at::empty_like(x), at::zeros_like(weight), at::zeros_like(bias)};
   }
-  const at::Tensor xc = as_channels_last(x), gc = as_channels_last(grad);
-  at::Tensor gx = at::empty_like(xc, at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat fmt = layout_of(x);
+  const at::Tensor xc = x.contiguous(fmt), gc = grad.contiguous(fmt);
+  at::Tensor gx = at::empty_like(xc, fmt);
   if (poison_outputs()) gx.fill_(std::numeric_limits<double>::quiet_NaN());
   at::Tensor gw, gb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dwconv3x3_gelu_bwd",
                                   [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const PackedFilter<T> f(weight, bias, C);
-    const int64_t slots = B * ceil_div(H, backward_slot_rows(H));
-    std::vector<T> partials(slots * (kTaps + 1) * f.Cp);
-    backward_cl<scalar_t, T>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), f,
-                             gx.data_ptr<scalar_t>(), partials.data(), B, H, W, C);
-    // Slots in order: a fixed summation order whatever the thread count.
-    std::vector<T> total((kTaps + 1) * f.Cp, T(0));
-    for (int64_t s = 0; s < slots; ++s) {
-      const T* p = partials.data() + s * (kTaps + 1) * f.Cp;
-      for (size_t i = 0; i < total.size(); ++i) total[i] += p[i];
+    std::vector<T> total((kTaps + 1) * f.Cp, T(0));  // [tap or bias][Cp]
+    if (fmt == at::MemoryFormat::ChannelsLast) {
+      const int64_t slots = B * ceil_div(H, backward_slot_rows(H));
+      std::vector<T> partials(slots * (kTaps + 1) * f.Cp);
+      backward_cl<scalar_t, T>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), f,
+                               gx.data_ptr<scalar_t>(), partials.data(), B, H, W, C);
+      // Slots in order: a fixed summation order whatever the thread count.
+      for (int64_t s = 0; s < slots; ++s) {
+        const T* p = partials.data() + s * (kTaps + 1) * f.Cp;
+        for (size_t i = 0; i < total.size(); ++i) total[i] += p[i];
+      }
+    } else {
+      std::vector<T> partials(B * C * (kTaps + 1));
+      backward_nchw<scalar_t, T>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), f,
+                                 gx.data_ptr<scalar_t>(), partials.data(), B, C, H, W);
+      for (int64_t b = 0; b < B; ++b) {  // images in order
+        for (int64_t c = 0; c < C; ++c) {
+          const T* p = partials.data() + (b * C + c) * (kTaps + 1);
+          for (int k = 0; k <= kTaps; ++k) total[k * f.Cp + c] += p[k];
+        }
+      }
     }
     auto opts = weight.options().dtype(c10::CppTypeToScalarType<T>::value);
     at::Tensor tw = at::empty({C, 1, 3, 3}, opts), tb = at::empty({C}, opts);
