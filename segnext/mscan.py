@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-from segnext_kernels import MSCA, mlp
+from segnext_kernels import MSCA
+from segnext_kernels.mlp.module import mlp_forward
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -104,8 +105,10 @@ class Mlp(nn.Module):
 
     Runs ``segnext_kernels.mlp`` with the selected backend: for inference the whole MLP is
     one fused op, in training fc1 -> fused dwconv+GELU -> fc2 (the reference backend runs the
-    modules as written). Dropout (p > 0, training) keeps the module path.
+    same convs and GELU unfused). Dropout (p > 0, training) keeps the module path.
     """
+
+    _segnext_fused_mlp = True  # segnext_kernels.patch leaves it alone
 
     def __init__(self, channels: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -116,12 +119,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.drop.p > 0:
-            x = self.act(self.dwconv(self.fc1(x)))
-            return self.drop(self.fc2(self.drop(x)))
-        conv = self.dwconv.dwconv
-        return mlp(x, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias, self.fc2.weight,
-                   self.fc2.bias)
+        return mlp_forward(self, x)
 
 
 class SpatialAttention(nn.Module):

@@ -7,7 +7,7 @@ Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``
 from . import _extension
 from .backends import available_backends, get_backend, op_backends, set_backend, use_backend
 from .dwconv_gelu import dwconv_gelu, dwconv_gelu_ref
-from .mlp import mlp, mlp_ref
+from .mlp import FusedMlp, mlp, mlp_ref
 from .msca import MSCA, MSCAWeights, msca, msca_ref
 from .nmf import NMF2D, draw_bases, nmf2d, nmf_decompose_ref
 from .patch import patch, unpatch
@@ -22,7 +22,7 @@ __all__ = [
     "MSCA", "MSCAWeights", "msca", "msca_ref",
     "NMF2D", "nmf2d", "nmf_decompose_ref", "draw_bases",
     "strip_conv", "strip_conv_ref", "dwconv_gelu", "dwconv_gelu_ref",
-    "mlp", "mlp_ref", "patch", "unpatch",
+    "mlp", "mlp_ref", "FusedMlp", "patch", "unpatch",
     "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
     "__version__",
 ]

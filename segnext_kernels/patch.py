@@ -1,4 +1,4 @@
-"""``patch(model)``: swap every MSCA-shaped module and every NMF2D of any model for ours.
+"""``patch(model)``: swap every MSCA-shaped module, MLP-shaped module and NMF2D of any model for ours.
 
 A module is "structurally an MSCA" when it has the official AttentionModule / MSCAAttention
 attribute layout: depthwise ``nn.Conv2d`` children ``conv0`` (5×5), ``conv0_1``/``conv0_2``
@@ -6,6 +6,12 @@ attribute layout: depthwise ``nn.Conv2d`` children ``conv0`` (5×5), ``conv0_1``
 bias, 'same' padding, stride 1, and a dense 1×1 ``conv3`` with bias. The replacement adopts the
 same ``nn.Conv2d`` children, so parameters stay the very same objects (an optimizer built before
 patching keeps working), with their device, dtype and ``requires_grad``; training mode is kept.
+
+A module is "structurally an MSCAN MLP" when it has the official ``Mlp`` layout: a 1x1
+``fc1`` (C -> hidden, bias), a ``dwconv`` that is (or wraps, as ``DWConv.dwconv``) a depthwise
+3x3 conv with bias and 'same' padding, an exact ``nn.GELU`` ``act``, a 1x1 ``fc2`` (hidden -> C,
+bias) and an optional ``nn.Dropout`` ``drop``; it becomes a ``FusedMlp`` holding the same
+children.
 
 An NMF2D is a module whose class is named ``NMF2D`` with the attributes of the official
 ``_MatrixDecomposition2DBase`` (S, R, train_steps, eval_steps, inv_t) and random bases
@@ -17,6 +23,7 @@ from typing import List, NamedTuple
 
 from torch import nn
 
+from .mlp.module import FusedMlp, depthwise_conv
 from .msca.module import MSCA
 from .msca.reference import DW_CONVS
 from .nmf.module import NMF2D
@@ -48,6 +55,40 @@ def _is_msca_like(m: nn.Module) -> bool:
         if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
             return False
     return True
+
+
+def _is_conv(conv, cin: int, cout: int, k: int, groups: int = 1) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.in_channels == cin and conv.out_channels == cout
+            and conv.kernel_size == (k, k) and conv.groups == groups and conv.bias is not None
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (k // 2, k // 2)
+            and conv.padding_mode == "zeros")
+
+
+def _is_mlp_like(m: nn.Module) -> bool:
+    if getattr(type(m), "_segnext_fused_mlp", False):
+        return False  # ours (FusedMlp, segnext.mscan.Mlp): already fused
+    fc1, fc2, act = getattr(m, "fc1", None), getattr(m, "fc2", None), getattr(m, "act", None)
+    dwconv, drop = getattr(m, "dwconv", None), getattr(m, "drop", None)
+    if not isinstance(fc1, nn.Conv2d) or not isinstance(dwconv, nn.Module):
+        return False
+    C, hidden = fc1.in_channels, fc1.out_channels
+    if not (_is_conv(fc1, C, hidden, 1) and _is_conv(fc2, hidden, C, 1)):
+        return False
+    conv = dwconv if isinstance(dwconv, nn.Conv2d) else getattr(dwconv, "dwconv", None)
+    if not _is_conv(conv, hidden, hidden, 3, groups=hidden):
+        return False
+    if type(dwconv) is not nn.Conv2d and len(list(dwconv.children())) != 1:
+        return False  # a wrapper that does more than hold the conv
+    if type(act) is not nn.GELU or act.approximate != "none":
+        return False
+    return drop is None or type(drop) in (nn.Dropout, nn.Identity)
+
+
+def _adopt_mlp(old: nn.Module) -> FusedMlp:
+    new = FusedMlp(old.fc1, old.dwconv, old.act, old.fc2, getattr(old, "drop", None))
+    new.train(old.training)
+    object.__setattr__(new, "_segnext_original", old)  # not a submodule: no duplicate keys
+    return new
 
 
 def _is_nmf2d_like(m: nn.Module) -> bool:
@@ -82,9 +123,9 @@ def _swap(model: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def patch(model: nn.Module, *, msca: bool = True, nmf: bool = True,
+def patch(model: nn.Module, *, msca: bool = True, mlp: bool = True, nmf: bool = True,
           nmf_grad: str = "unrolled") -> List[Replacement]:
-    """Replace MSCA-shaped modules and NMF2D modules of ``model`` in place; returns what changed.
+    """Replace MSCA-, MLP- and NMF2D modules of ``model`` in place; returns what changed.
 
     ``nmf_grad`` picks the gradient mode of the replacement NMF2D ("unrolled" matches the
     official training). The model itself, when it is such a module, cannot be replaced in place:
@@ -97,6 +138,9 @@ def patch(model: nn.Module, *, msca: bool = True, nmf: bool = True,
         if msca and _is_msca_like(m):
             _swap(model, name, _adopt_msca(m))
             done.append(Replacement(name, type(m).__name__, "MSCA"))
+        elif mlp and _is_mlp_like(m):
+            _swap(model, name, _adopt_mlp(m))
+            done.append(Replacement(name, type(m).__name__, "FusedMlp"))
         elif nmf and _is_nmf2d_like(m):
             _swap(model, name, _adopt_nmf2d(m, nmf_grad))
             done.append(Replacement(name, type(m).__name__, "NMF2D"))

@@ -120,3 +120,111 @@ def test_non_matching_modules_are_left_alone():
     m.conv2_1 = nn.Conv2d(4, 4, (1, 19), padding=(0, 9), groups=4)  # not the official kernel
     net = nn.Sequential(m, NMF2D(rand_init=False))
     assert sk.patch(net) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The MSCAN MLP, written out independently in both official spellings
+# --------------------------------------------------------------------------------------------
+class DWConv(nn.Module):
+    """The original release's wrapper: keys ``dwconv.dwconv.*``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x):
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    """SegNeXt's Mlp (mscan.py); ``plain_dwconv`` spells the 3x3 as mmseg 1.x does."""
+
+    def __init__(self, dim, hidden, drop=0.0, plain_dwconv=False):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = (nn.Conv2d(hidden, hidden, 3, 1, 1, bias=True, groups=hidden)
+                       if plain_dwconv else DWConv(hidden))
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.dwconv(x)
+        x = self.act(x)
+        x = self.drop(x)
+        x = self.fc2(x)
+        return self.drop(x)
+
+
+def _randomize(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("plain_dwconv", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_patch_mlp_matches_in_eval_and_training(plain_dwconv, layout):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), Mlp(6, 24, plain_dwconv=plain_dwconv))
+    _randomize(net)
+    reference = copy.deepcopy(net)
+    params_before = {n: p for n, p in net.named_parameters()}
+    done = sk.patch(net)
+    assert [(r.name, r.original, r.new) for r in done] == [("1", "Mlp", "FusedMlp")]
+    assert isinstance(net[1], sk.FusedMlp)
+    assert {n: p for n, p in net.named_parameters()} == params_before
+    assert net.state_dict().keys() == reference.state_dict().keys()
+
+    x = torch.randn(2, 3, 7, 9).contiguous(memory_format=layout)
+    for mode in ("eval", "train"):
+        net.train(mode == "train")
+        reference.train(mode == "train")
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = net(xa), reference(xb)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+        for (n, p), q in zip(net.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=n)
+        net.zero_grad()
+        reference.zero_grad()
+    with torch.no_grad():
+        net.eval()
+        reference.eval()
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_mlp_with_dropout_keeps_module_path_in_training():
+    torch.manual_seed(0)
+    net = nn.Sequential(Mlp(4, 8, drop=0.5))
+    reference = copy.deepcopy(net)
+    sk.patch(net)
+    x = torch.randn(1, 4, 5, 5)
+    torch.manual_seed(3)
+    got = net(x)
+    torch.manual_seed(3)
+    want = reference(x)
+    torch.testing.assert_close(got, want)  # the same dropout masks: same call sequence
+    assert (got == 0).any()
+
+
+def test_patch_leaves_non_mlps_and_ours_alone():
+    import segnext
+    m = Mlp(4, 8)
+    m.act = nn.GELU(approximate="tanh")  # not the exact GELU the kernels compute
+    wide = Mlp(4, 8)
+    wide.dwconv = DWConv(8)
+    wide.dwconv.dwconv = nn.Conv2d(8, 8, 5, padding=2, groups=8)  # not a 3x3
+    model = segnext.segnext_t(num_classes=3)  # its own Mlp is already fused
+    net = nn.Sequential(m, wide, model)
+    assert [r for r in sk.patch(net) if r.new == "FusedMlp"] == []
+
+
+def test_unpatch_restores_mlp():
+    net = nn.Sequential(Mlp(4, 8))
+    sk.patch(net)
+    assert [r.new for r in sk.unpatch(net)] == ["Mlp"]
+    assert type(net[0]) is Mlp
