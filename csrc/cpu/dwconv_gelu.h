@@ -16,14 +16,16 @@ namespace {
 
 constexpr int kTaps = 9;  // 3x3; tap k = i * 3 + j reads x[h + i - 1][w + j - 1]
 
-// The filter as [tap][Cp] and the bias as [Cp], in the accumulation type, zero padded to
-// whole vectors.
+// The filter as [tap][Cp], the bias and the padding value as [Cp], in the accumulation type,
+// zero padded to whole vectors. The padding value (what columns outside the image hold) is 0
+// for the plain op; fold_input_bias makes the kernels compute the conv of x + b_in with x
+// given (the fused MLP's fc1 output without its bias, which saves a pass over the hidden).
 template <typename T>
 struct PackedFilter {
   int64_t Cp;
-  std::vector<T> taps, bias;
+  std::vector<T> taps, bias, pad;
   PackedFilter(const at::Tensor& weight, const at::Tensor& b, int64_t C)
-      : Cp(round_up(C, Lanes<T>::L)), taps(kTaps * Cp, T(0)), bias(Cp, T(0)) {
+      : Cp(round_up(C, Lanes<T>::L)), taps(kTaps * Cp, T(0)), bias(Cp, T(0)), pad(Cp, T(0)) {
     auto w = weight.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
     auto bb = b.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
     const T* wp = w.template data_ptr<T>();  // (C, 1, 3, 3)
@@ -33,12 +35,27 @@ struct PackedFilter {
       bias[c] = bp[c];
     }
   }
+  // conv(x + b_in) = conv(x~) + bias + b_in * sum(taps), where x~ = x inside the image and
+  // -b_in outside it (outside, x + b_in must be the zero padding). Rows outside the image are
+  // then the caller's rows of -b_in; columns outside take `pad`.
+  void fold_input_bias(const at::Tensor& b_in, int64_t C) {
+    auto bb = b_in.to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* bp = bb.template data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      T sum = T(0);
+      for (int k = 0; k < kTaps; ++k) sum += taps[k * Cp + c];
+      bias[c] += bp[c] * sum;
+      pad[c] = -bp[c];
+    }
+  }
 };
 
 template <typename T>
-inline void load_filter(const PackedFilter<T>& f, int64_t c0, vec_t<T> wv[kTaps], vec_t<T>& bias) {
+inline void load_filter(const PackedFilter<T>& f, int64_t c0, vec_t<T> wv[kTaps], vec_t<T>& bias,
+                        vec_t<T>& pad) {
   for (int k = 0; k < kTaps; ++k) wv[k] = vloadu(f.taps.data() + k * f.Cp + c0);
   bias = vloadu(f.bias.data() + c0);
+  pad = vloadu(f.pad.data() + c0);
 }
 
 // A whole vector of channels (kFull) or the first n of one (the channel tail).
@@ -47,17 +64,20 @@ inline vec_t<T> load_block(const scalar_t* p, int n) {
   return kFull ? load_lanes<T>(p) : load_lanes<T>(p, n);
 }
 
-// z at column w for one channel block: rows[i] is image row h + i - 1 (or a zero row), offset
-// to the block's first channel. kEdge: w may be the first or last column (taps outside the
-// image are skipped).
+// z at column w for one channel block: rows[i] is image row h + i - 1 (or a padding row),
+// offset to the block's first channel. kEdge: w may be the first or last column (taps outside
+// the image read `pad`).
 template <typename T, bool kFull, bool kEdge, typename scalar_t>
 inline vec_t<T> conv_at(const scalar_t* const rows[3], const vec_t<T> wv[kTaps], vec_t<T> bias,
-                        int64_t w, int64_t W, int64_t C, int n) {
+                        vec_t<T> pad, int64_t w, int64_t W, int64_t C, int n) {
   vec_t<T> acc = bias;
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 3; ++j) {
       const int64_t ww = w + j - 1;
-      if (kEdge && (ww < 0 || ww >= W)) continue;
+      if (kEdge && (ww < 0 || ww >= W)) {
+        acc += wv[i * 3 + j] * pad;
+        continue;
+      }
       acc += wv[i * 3 + j] * load_block<T, kFull>(rows[i] + ww * C, n);
     }
   }
@@ -88,19 +108,19 @@ inline void for_each_chunk(int64_t W, int64_t C, F&& body) {
   }
 }
 
-// One row of y = gelu(dw3x3(x) + b): rows[i] is input row h + i - 1 (a zero row outside the
-// image), each W * C values, channels-last.
+// One row of y = gelu(dw3x3(x) + b): rows[i] is input row h + i - 1 (a padding row outside
+// the image: zeros, or -b_in after fold_input_bias), each W * C values, channels-last.
 template <typename scalar_t, typename T>
 inline void dwconv_gelu_row(const scalar_t* const rows[3], const PackedFilter<T>& f,
                             scalar_t* yrow, int64_t W, int64_t C) {
-  vec_t<T> wv[kTaps], bias;
+  vec_t<T> wv[kTaps], bias, pad;
   for_each_chunk<Lanes<T>::L>(W, C, [&](int64_t w0, int64_t w1, int64_t c0, int n, auto full,
                                         auto edge) {
     constexpr bool kFull = decltype(full)::value, kEdge = decltype(edge)::value;
-    load_filter(f, c0, wv, bias);
+    load_filter(f, c0, wv, bias, pad);
     const scalar_t* crow[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
     for (int64_t w = w0; w < w1; ++w) {
-      const vec_t<T> out = vgelu(conv_at<T, kFull, kEdge>(crow, wv, bias, w, W, C, n));
+      const vec_t<T> out = vgelu(conv_at<T, kFull, kEdge>(crow, wv, bias, pad, w, W, C, n));
       if constexpr (kFull) {
         store_lanes<T>(yrow + w * C + c0, out);
       } else {

@@ -68,7 +68,7 @@ void backward_cl(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>& f
 
   at::parallel_for(0, B * slots_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ring_store(3 * ring_row);
-    vec_t<T> wv[kTaps], bias;
+    vec_t<T> wv[kTaps], bias, pad;
     const scalar_t* rows[3];
 
     // grad_z = grad_y * gelu'(z) of image row hh into dst (column w at dst + (w + 1) * Cp).
@@ -82,10 +82,10 @@ void backward_cl(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>& f
       for_each_chunk<L>(W, C, [&](int64_t w0, int64_t w1, int64_t c0, int n, auto full,
                                   auto edge) {
         constexpr bool kFull = decltype(full)::value, kEdge = decltype(edge)::value;
-        load_filter(f, c0, wv, bias);
+        load_filter(f, c0, wv, bias, pad);
         const scalar_t* crow[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
         for (int64_t w = w0; w < w1; ++w) {
-          const vec_t<T> z = conv_at<T, kFull, kEdge>(crow, wv, bias, w, W, C, n);
+          const vec_t<T> z = conv_at<T, kFull, kEdge>(crow, wv, bias, pad, w, W, C, n);
           vstoreu(dst + (w + 1) * Cp + c0,
                   load_block<T, kFull>(gyrow + w * C + c0, n) * vgelu_grad(z));
         }
@@ -113,7 +113,7 @@ void backward_cl(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>& f
         for_each_chunk<L>(W, C, [&](int64_t w0, int64_t w1, int64_t c0, int n, auto full,
                                     auto edge) {
           constexpr bool kFull = decltype(full)::value, kEdge = decltype(edge)::value;
-          load_filter(f, c0, wv, bias);
+          load_filter(f, c0, wv, bias, pad);
           vec_t<T> gw[kTaps + 1];  // this block's weight/bias gradient sums, in registers
           for (int k = 0; k <= kTaps; ++k) gw[k] = vloadu(part + k * Cp + c0);
           for (int64_t w = w0; w < w1; ++w) {

@@ -8,7 +8,8 @@
 // rows, keeping the fc1 output of the chunk plus one row above and below (the dwconv's halo)
 // in a per-task buffer; the two overlap rows roll over to the next chunk, so fc1 is computed
 // once per row except at band edges. fc1 and fc2 are ATen GEMMs (MKL/oneDNN sgemm) on the
-// chunk, run single-threaded inside the task; the dwconv + GELU is dwconv_gelu.h's row kernel.
+// chunk, run single-threaded inside the task; the dwconv + GELU is dwconv_gelu.h's row kernel,
+// which also adds fc1's bias (folded into its own, see PackedFilter::fold_input_bias).
 //
 // Forward only: with autograd the Python side runs fc1, the dwconv_gelu op and fc2 instead.
 #include <ATen/ATen.h>
@@ -36,8 +37,7 @@ inline int64_t chunk_rows(int64_t W, int64_t Hd, int64_t elem) {
 }
 
 template <typename scalar_t, typename T>
-void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor& b1,
-                    const PackedFilter<T>& f, const at::Tensor& w2t, const at::Tensor& b2,
+void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const PackedFilter<T>& f, const at::Tensor& w2t, const at::Tensor& b2,
                     at::Tensor& y) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hd = w1t.size(1);
@@ -51,7 +51,12 @@ void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const auto opts = x.options();
-  const std::vector<scalar_t> zero_row(W * Hd, scalar_t(0));
+  // fc1 runs without its bias (no pass over the hidden to add it): the dwconv folds it in
+  // (PackedFilter::fold_input_bias), and rows outside the image hold -b1.
+  std::vector<scalar_t> pad_row(W * Hd);
+  for (int64_t w = 0; w < W; ++w) {
+    for (int64_t c = 0; c < Hd; ++c) pad_row[w * Hd + c] = static_cast<scalar_t>(f.pad[c]);
+  }
 
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
     // hid row k holds fc1 of image row r0 - 1 + k; act holds the chunk's GELU output.
@@ -71,7 +76,7 @@ void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor
       at::Tensor in = at::from_blob(const_cast<scalar_t*>(xp) + ((b * H + first) * W) * C,
                                     {count * W, C}, opts);
       at::Tensor out = hid.narrow(0, slot * W, count * W);
-      at::addmm_out(out, b1, in, w1t);
+      at::mm_out(out, in, w1t);
     };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / bands_per_image;
@@ -92,7 +97,7 @@ void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor
           const scalar_t* rows[3];
           for (int i = 0; i < 3; ++i) {
             const int64_t hh = h + i - 1;
-            rows[i] = (hh >= 0 && hh < H) ? hp + (k + i) * row : zero_row.data();
+            rows[i] = (hh >= 0 && hh < H) ? hp + (k + i) * row : pad_row.data();
           }
           dwconv_gelu_row(rows, f, ap + k * row, W, Hd);
         }
@@ -147,9 +152,9 @@ at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   const at::Tensor w2t = w2.detach().reshape({C, Hd}).t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_fwd", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const PackedFilter<T> f(wd, bd, Hd);
-    mlp_forward_cl<scalar_t, T>(xc, w1t, b1.detach().contiguous(), f, w2t,
-                                b2.detach().contiguous(), y);
+    PackedFilter<T> f(wd, bd, Hd);
+    f.fold_input_bias(b1.detach(), Hd);
+    mlp_forward_cl<scalar_t, T>(xc, w1t, f, w2t, b2.detach().contiguous(), y);
   });
   at::Tensor out = at::empty_like(x);
   if (out.strides() == y.strides()) return y;
