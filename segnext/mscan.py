@@ -16,10 +16,11 @@ import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from segnext_kernels import MSCA
-from segnext_kernels.mlp.module import mlp_forward
+from segnext_kernels import MSCA, backends, mlp
+from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -152,9 +153,68 @@ class Block(nn.Module):
         self.layer_scale_2 = nn.Parameter(layer_scale_init * torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._folds(x):
+            return self._forward_folded(x)
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
+
+    # Inference with the fused kernels: the eval-mode norms (affine maps) fold into proj_1 and
+    # fc1, the layer scales into proj_2 and fc2, and the attention shortcut into one
+    # multiply-add, so each sublayer is its convs/kernels plus one elementwise pass instead of
+    # four (norm, shortcut add, scale, residual add). The arithmetic is the block's; only the
+    # rounding differs. The reference backend, training, and anything needing gradients run
+    # the block as written.
+    def _folds(self, x: torch.Tensor) -> bool:
+        if self.training or torch.is_grad_enabled():
+            return False
+        if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.running_mean is not None
+                   and n.running_var is not None for n in (self.norm1, self.norm2)):
+            return False
+        return backends.resolve("mlp", x.device) != "reference"
+
+    def _folded_weights(self):
+        attn, mlp_ = self.attn, self.mlp
+        sources = [attn.proj_1.weight, attn.proj_1.bias, attn.proj_2.weight, attn.proj_2.bias,
+                   mlp_.fc1.weight, mlp_.fc1.bias, mlp_.fc2.weight, mlp_.fc2.bias,
+                   self.layer_scale_1, self.layer_scale_2]
+        for n in (self.norm1, self.norm2):
+            sources += [t for t in (n.weight, n.bias, n.running_mean, n.running_var) if t is not None]
+        compiling = torch.compiler.is_compiling()  # traced: fold in the graph, no cache
+        key = None if compiling else tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                                           for t in sources)
+        cached = getattr(self, "_folded_cache", None)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+
+        def affine(n):  # eval-mode batch norm as y = s * x + t
+            s = torch.rsqrt(n.running_var + n.eps)
+            if n.weight is not None:
+                s = s * n.weight
+            t = -n.running_mean * s
+            return s, (t + n.bias if n.bias is not None else t)
+
+        (s1, t1), (s2, t2) = affine(self.norm1), affine(self.norm2)
+        ls1, ls2 = self.layer_scale_1, self.layer_scale_2
+        p1, p2, f1, f2 = attn.proj_1, attn.proj_2, mlp_.fc1, mlp_.fc2
+        # x + ls1 * (proj_2(m) + n1) = (1 + ls1 s1) x + ls1 (b2 + t1) + (ls1 W2) m
+        folded = dict(
+            p1w=p1.weight * s1[None, :, None, None], p1b=p1.bias + p1.weight.flatten(1) @ t1,
+            p2w=p2.weight * ls1[:, None, None, None], p2b=ls1 * (p2.bias + t1),
+            a1=(1 + ls1 * s1)[None, :, None, None],
+            f1w=f1.weight * s2[None, :, None, None], f1b=f1.bias + f1.weight.flatten(1) @ t2,
+            f2w=f2.weight * ls2[:, None, None, None], f2b=ls2 * f2.bias)
+        if key is not None:
+            object.__setattr__(self, "_folded_cache", (key, folded))  # not state: no buffer
+        return folded
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._folded_weights()
+        attn = self.attn
+        u = attn.activation(F.conv2d(x, w["p1w"], w["p1b"]))
+        x = F.conv2d(attn.spatial_gating_unit(u), w["p2w"], w["p2b"]).addcmul_(x, w["a1"])
+        conv = depthwise_conv(self.mlp.dwconv)
+        return mlp(x, w["f1w"], w["f1b"], conv.weight, conv.bias, w["f2w"], w["f2b"]).add_(x)
 
 
 class MSCAN(nn.Module):

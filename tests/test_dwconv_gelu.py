@@ -292,3 +292,75 @@ def test_model_mlps_with_cpu_backend_match_reference():
     assert grads["cpu"], "no MLP parameter received a gradient"
     for name, ref in grads["reference"].items():
         assert rel_err(grads["cpu"][name], ref.double()) <= 1e-3, name
+
+
+@pytest.mark.parametrize("layout", list(FORMATS))
+def test_folded_block_inference_matches_reference(layout):
+    # With a fused backend, an eval-mode Block folds its norms and layer scales into the
+    # convs: with non-trivial running statistics, affine parameters and layer scales it must
+    # still compute the block as written (the reference backend runs it unfolded).
+    from segnext.mscan import Block
+    torch.manual_seed(0)
+    block = Block(24, 4, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for n in (block.norm1, block.norm2):
+            n.running_mean.copy_(torch.randn(24) * 0.5)
+            n.running_var.copy_(torch.rand(24) + 0.5)
+    block.eval()
+    x = torch.randn(2, 24, 11, 13).contiguous(memory_format=FORMATS[layout])
+    with torch.no_grad():
+        with sk.use_backend("reference"):
+            want = block(x)
+        with sk.use_backend("cpu"):
+            assert block._folds(x)
+            got = block(x)
+            assert block._folds(x) and block._folded_cache is not None
+            again = block(x)  # cached folded weights
+        ref64 = copy_block_double(block)(x.double())
+    assert got.stride() == want.stride()
+    assert rel_err(got, ref64) <= 1e-4 and rel_err(want, ref64) <= 1e-4
+    assert torch.equal(got, again)
+    # the cache follows the parameters: an in-place update is seen by the next call
+    with torch.no_grad():
+        block.layer_scale_2.mul_(2.0)
+        with sk.use_backend("cpu"):
+            got2 = block(x)
+        ref2 = copy_block_double(block)(x.double())
+    assert rel_err(got2, ref2) <= 1e-4
+
+
+def copy_block_double(block):
+    import copy
+    b64 = copy.deepcopy(block).double()
+    def run(x):
+        with sk.use_backend("reference"), torch.no_grad():
+            return b64(x)
+    return run
+
+
+def test_block_does_not_fold_when_training_or_with_grad():
+    from segnext.mscan import Block
+    block = Block(8, 4, torch.nn.BatchNorm2d).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with sk.use_backend("cpu"):
+        assert not block._folds(x)  # grad mode on: the graph needs the block as written
+        with torch.no_grad():
+            assert block._folds(x)
+            block.train()
+            assert not block._folds(x)
+            block.eval()
+    with sk.use_backend("reference"), torch.no_grad():
+        assert not block._folds(x)
+
+
+def test_folded_block_compiles():
+    from segnext.mscan import Block
+    torch.manual_seed(0)
+    block = Block(8, 4, torch.nn.BatchNorm2d).eval()
+    x = torch.randn(1, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), sk.use_backend("cpu"):
+        want = block(x)
+        got = torch.compile(block, fullgraph=True, backend="eager")(x)
+    assert rel_err(got, want.double()) <= 1e-5
