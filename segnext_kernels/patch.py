@@ -64,9 +64,21 @@ def _is_conv(conv, cin: int, cout: int, k: int, groups: int = 1) -> bool:
             and conv.padding_mode == "zeros")
 
 
+_MLP_CHILDREN = {"fc1", "dwconv", "act", "fc2", "drop"}
+
+
+def _holds_only(m: nn.Module, children) -> bool:
+    """No parameters or buffers of its own, and no children but ``children``."""
+    return (not any(True for _ in m.parameters(recurse=False))
+            and not any(True for _ in m.buffers(recurse=False))
+            and set(dict(m.named_children())) <= set(children))
+
+
 def _is_mlp_like(m: nn.Module) -> bool:
     if getattr(type(m), "_segnext_fused_mlp", False):
         return False  # ours (FusedMlp, segnext.mscan.Mlp): already fused
+    if not _holds_only(m, _MLP_CHILDREN):
+        return False  # more than the official MLP: its forward may do more than ours
     fc1, fc2, act = getattr(m, "fc1", None), getattr(m, "fc2", None), getattr(m, "act", None)
     dwconv, drop = getattr(m, "dwconv", None), getattr(m, "drop", None)
     if not isinstance(fc1, nn.Conv2d) or not isinstance(dwconv, nn.Module):
@@ -77,7 +89,7 @@ def _is_mlp_like(m: nn.Module) -> bool:
     conv = dwconv if isinstance(dwconv, nn.Conv2d) else getattr(dwconv, "dwconv", None)
     if not _is_conv(conv, hidden, hidden, 3, groups=hidden):
         return False
-    if type(dwconv) is not nn.Conv2d and len(list(dwconv.children())) != 1:
+    if type(dwconv) is not nn.Conv2d and not _holds_only(dwconv, {"dwconv"}):
         return False  # a wrapper that does more than hold the conv
     if type(act) is not nn.GELU or act.approximate != "none":
         return False

@@ -111,6 +111,52 @@ def test_gelu_tails_and_large_values():
     assert_close(fused(x, w, b, g), reference(x, w, b, g), 1e-4, "large")
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_extreme_values(fmt):
+    # z = bias (x = 0, weight 0), one value per channel: huge |z| (erf saturated, the density
+    # underflowed) and +-inf must give gelu(z) = z or 0 and gelu'(z) = 1 or 0 exactly (not an
+    # ulp of erf times z, nor inf * 0); NaN propagates. grad_bias = H * W * gelu'(z).
+    vals = [1e6, -1e6, 3e38, -3e38, float("inf"), -float("inf"), 30.0, -30.0, 13.5, -13.5,
+            5.0, -5.0, 0.5, -0.75, float("nan")]
+    C = len(vals)
+    b = torch.tensor(vals)
+    x = torch.zeros(1, C, 3, 4).contiguous(memory_format=FORMATS[fmt])
+    w = torch.zeros(C, 1, 3, 3)
+    y = torch.ops.segnext.dwconv3x3_gelu_fwd(x, w, b)
+    _, _, gb = torch.ops.segnext.dwconv3x3_gelu_bwd(torch.ones_like(x), x, w, b)
+    y, gprime = y[0, :, 1, 2], gb / 12
+    for c, z in enumerate(vals):
+        if z != z:
+            assert torch.isnan(y[c]) and torch.isnan(gprime[c])
+        elif abs(z) == float("inf"):
+            # IEEE: z * Phi(z) is inf * 0 at -inf (PyTorch gives NaN for both signs and for
+            # the gradient); the kernel gives NaN or the limit, never a finite wrong value.
+            lim_y, lim_g = (z, 1.0) if z > 0 else (0.0, 0.0)
+            assert torch.isnan(y[c]) or y[c] == lim_y, (z, y[c])
+            assert torch.isnan(gprime[c]) or gprime[c] == lim_g, (z, gprime[c])
+        elif z > 13:
+            assert y[c] == z and gprime[c] == 1.0, (z, y[c], gprime[c])
+        elif z < -13:
+            assert y[c] == 0 and gprime[c] == 0.0, (z, y[c], gprime[c])
+        else:
+            zd = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+            yd = torch.nn.functional.gelu(zd)
+            (gd,) = torch.autograd.grad(yd, zd)
+            assert abs(y[c].item() - yd.item()) <= 1e-6 * max(1.0, abs(yd.item())), z
+            assert abs(gprime[c].item() - gd.item()) <= 1e-6, z
+
+
+def test_channels_last_weight_strides():
+    # A model moved to channels_last has (C, 1, 3, 3) depthwise weights with channels-last
+    # strides: the weight gradient must come back with the strides the fake promises.
+    x, w, b, g = make_inputs(2, 6, 5, 7, dtype=torch.float32, fmt=torch.channels_last)
+    w = w.contiguous(memory_format=torch.channels_last)
+    _, gw, _ = torch.ops.segnext.dwconv3x3_gelu_bwd(g, x, w, b)
+    assert gw.stride() == torch.empty_like(w).stride()
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), "cpu")
+    torch.library.opcheck(torch.ops.segnext.dwconv_gelu.default, args)
+
+
 def test_gradcheck():
     x, w, b, _ = make_inputs(1, 3, 5, 4)
     inputs = [t.requires_grad_() for t in (x, w, b)]
@@ -207,10 +253,13 @@ def make_mlp(B, C, H, W, ratio, dtype=torch.float64, fmt=torch.contiguous_format
 @pytest.mark.parametrize("nthreads", [1, 2, 3])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 2), (2, 3, 1, 7, 4), (1, 5, 7, 1, 8),
-                                   (2, 17, 13, 5, 4), (1, 8, 70, 9, 8), (3, 33, 11, 23, 4)],
+                                   (1, 3, 2, 5, 4), (2, 17, 13, 5, 4), (3, 33, 11, 23, 4),
+                                   (1, 64, 11, 128, 8), (2, 40, 9, 96, 8)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_mlp_inference_matches_reference(shape, fmt, nthreads, threads):
-    # 70 rows of a 72-channel hidden: several chunks per band, so the rolled halo rows are used.
+    # Chunks are ~1.5 MB of hidden rows: a 128-wide, 512-channel hidden gets 2-row chunks, so
+    # bands of 11 rows (1 thread) or 6 + 5 (2 threads) roll their halo rows several times
+    # (W=96, 320 channels: 3-row chunks, two images); H=2 with 3 threads: bands of few rows.
     threads(nthreads)
     x, ws = make_mlp(*shape, dtype=torch.float32, fmt=FORMATS[fmt])
     with torch.no_grad():
@@ -220,9 +269,12 @@ def test_mlp_inference_matches_reference(shape, fmt, nthreads, threads):
     assert rel_err(y, ref) <= 1e-4, f"{shape} {fmt} threads={nthreads}"
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
-def test_mlp_inference_dtypes(dtype, tol):
-    x, ws = make_mlp(2, 12, 9, 10, 4, dtype=dtype, fmt=torch.channels_last)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 1e-2)])
+@pytest.mark.parametrize("shape", [(2, 12, 9, 10, 4), (1, 64, 5, 128, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_mlp_inference_dtypes(dtype, tol, shape):
+    x, ws = make_mlp(*shape, dtype=dtype, fmt=torch.channels_last)
     y = torch.ops.segnext.mlp_fwd(x, *ws)
     ref = mlp_ref(x.double(), *[w.double() for w in ws])
     assert y.dtype == dtype and rel_err(y, ref) <= tol

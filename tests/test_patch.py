@@ -228,3 +228,16 @@ def test_unpatch_restores_mlp():
     sk.patch(net)
     assert [r.new for r in sk.unpatch(net)] == ["Mlp"]
     assert type(net[0]) is Mlp
+
+
+def test_patch_leaves_mlp_variants_with_more_state_alone():
+    # An MLP-shaped module with an extra child or parameter may compute more than the
+    # official one: it is left alone rather than silently losing that.
+    extra_child = Mlp(4, 8)
+    extra_child.norm = nn.BatchNorm2d(8)
+    extra_param = Mlp(4, 8)
+    extra_param.gamma = nn.Parameter(torch.ones(4))
+    wrapper = Mlp(4, 8)
+    wrapper.dwconv.scale = nn.Parameter(torch.ones(1))
+    net = nn.Sequential(extra_child, extra_param, wrapper)
+    assert sk.patch(net) == []

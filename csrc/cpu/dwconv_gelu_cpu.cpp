@@ -54,7 +54,7 @@ void forward_cl(const scalar_t* x, const PackedFilter<T>& f, scalar_t* y, int64_
 // Rows per backward slot: a function of H only (determinism), small enough to give the
 // threads several slots per image, large enough that the two recomputed halo rows are cheap.
 inline int64_t backward_slot_rows(int64_t H) {
-  return std::min<int64_t>(16, std::max<int64_t>(4, ceil_div(H, 4)));
+  return std::min<int64_t>(16, std::max<int64_t>(4, ceil_div(H, 8)));
 }
 
 template <typename scalar_t, typename T>
@@ -377,8 +377,10 @@ std::vector<at::Tensor> dwconv3x3_gelu_bwd_cpu(const at::Tensor& grad, const at:
       for (int k = 0; k < kTaps; ++k) twp[c * kTaps + k] = total[k * f.Cp + c];
       tbp[c] = total[kTaps * f.Cp + c];
     }
-    gw = tw.to(weight.scalar_type());
-    gb = tb.to(bias.scalar_type());
+    gw = at::empty_like(weight);  // the strides the fake promises (a channels-last weight too)
+    gw.copy_(tw);
+    gb = at::empty_like(bias);
+    gb.copy_(tb);
   });
   return {in_format_of(gx, x), gw, gb};
 }

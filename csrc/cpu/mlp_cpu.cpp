@@ -29,11 +29,11 @@
 namespace segnext {
 namespace {
 
-// Rows per chunk: the fc1 buffer ((R + 2) rows of W * Hd values) stays near 1.5 MB, inside L2
-// with the GELU rows streaming through.
+// Rows per chunk: the task's working set, the fc1 buffer ((R + 2) rows of W * Hd values) and the
+// GELU rows (R more), stays near 1.5 MB, inside this machine's 2 MB L2.
 inline int64_t chunk_rows(int64_t W, int64_t Hd, int64_t elem) {
   const int64_t row_bytes = std::max<int64_t>(1, W * Hd * elem);
-  return std::max<int64_t>(1, (1536 * 1024) / row_bytes - 2);
+  return std::max<int64_t>(1, ((1536 * 1024) / row_bytes - 2) / 2);
 }
 
 template <typename scalar_t, typename T>
@@ -45,8 +45,9 @@ void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const PackedFilt
   // Bands: enough per image to give every thread work, each a whole number of chunks if
   // possible; a band recomputes the fc1 rows just above and below it.
   const int64_t threads = at::get_num_threads();
+  // (at least 4 rows each: a band recomputes 2 fc1 rows).
   const int64_t bands_per_image =
-      std::min<int64_t>(H, std::max<int64_t>(1, ceil_div(threads, B)));
+      std::min<int64_t>(ceil_div(H, 4), std::max<int64_t>(1, ceil_div(threads, B)));
   const int64_t band = ceil_div(H, bands_per_image);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();

@@ -132,6 +132,7 @@ inline vec_t<float> vexp(vec_t<float> x) {
   p = p * r + vsplat(0.5f);
   p = p * r + vsplat(1.0f);
   p = p * r + vsplat(1.0f);
+  n = n == n ? n : vsplat(0.0f);  // NaN (p is NaN then): keep the conversion defined
   ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
   vec_t<float> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -165,7 +166,10 @@ inline vec_t<float> verf(vec_t<float> x) {
   q = q * x2 + vsplat(-1.68282697438203e-03f);
   q = q * x2 + vsplat(-7.37332916720468e-03f);
   q = q * x2 + vsplat(-1.42647390514189e-02f);
-  return x * p * vrecip(q);  // Q <= -0.0142 everywhere: never 0
+  const vec_t<float> r = x * p * vrecip(q);  // Q <= -0.0142 everywhere: never 0
+  // erf(3.92) rounds to 1.0f; beyond, return +-1 exactly (the reciprocal's last-bit error
+  // would otherwise leave 1 -+ 1 ulp, and gelu(z) = z (1 + erf) a spurious z * 6e-8).
+  return x >= vsplat(3.92f) ? vsplat(1.0f) : (x <= vsplat(-3.92f) ? vsplat(-1.0f) : r);
 }
 
 constexpr double kSqrtHalf = 0.70710678118654752440;
@@ -185,8 +189,11 @@ inline vec_t<double> vgelu(vec_t<double> z) {
 inline vec_t<float> vgelu_grad(vec_t<float> z) {
   const vec_t<float> half = vsplat(0.5f);
   const vec_t<float> cdf = half + half * verf(z * vsplat(static_cast<float>(kSqrtHalf)));
-  const vec_t<float> pdf = vsplat(static_cast<float>(kInvSqrt2Pi)) * vexp(z * z * vsplat(-0.5f));
-  return cdf + z * pdf;
+  const vec_t<float> z2 = z * z;
+  const vec_t<float> zpdf = z * vsplat(static_cast<float>(kInvSqrt2Pi)) * vexp(z2 * vsplat(-0.5f));
+  // |z| > 13.2: z phi(z) < 1e-36 is 0 (vexp's clamp would keep it ~1e-38 * z, and inf * 0 at
+  // z = +-inf): gelu' is then exactly 1 or 0. NaN fails the comparison and propagates.
+  return cdf + (z2 > vsplat(174.0f) ? vsplat(0.0f) : zpdf);
 }
 inline vec_t<double> vgelu_grad(vec_t<double> z) {
   for (int l = 0; l < Lanes<double>::L; ++l) {

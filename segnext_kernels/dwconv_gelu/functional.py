@@ -37,8 +37,8 @@ def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None 
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     name = backends.resolve("dwconv_gelu", x.device) if backend is None else backend
-    if name == "reference":
-        return dwconv_gelu_ref(x, weight, bias)
+    if name not in backends.op_backends().get("dwconv_gelu", ()) or name == "reference":
+        return dwconv_gelu_ref(x, weight, bias)  # no fused kernel for this backend
     from ..ops import dwconv_gelu_fused
     x = x.contiguous(memory_format=memory_format_of(x))
     return dwconv_gelu_fused(x, weight.contiguous(), bias.contiguous(), name)
