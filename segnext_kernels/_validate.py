@@ -41,3 +41,12 @@ def is_channels_last(t: torch.Tensor) -> bool:
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def autocast_inputs(x: torch.Tensor, tensors):
+    """Under autocast, compute as conv2d would: ``x`` and ``tensors`` in the autocast dtype."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return x.to(dt), [t.to(dt) for t in tensors]
+    return x, list(tensors)

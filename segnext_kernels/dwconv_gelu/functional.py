@@ -5,17 +5,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._validate import check_same, check_shape, check_tensor, memory_format_of
+from .._validate import autocast_inputs, check_same, check_shape, check_tensor, memory_format_of
 from .reference import dwconv_gelu_ref
-
-
-def _autocast(x: Tensor, weight: Tensor, bias: Tensor):
-    """Under autocast, compute as conv2d would: everything in the autocast dtype."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return x.to(dt), weight.to(dt), bias.to(dt)
-    return x, weight, bias
 
 
 def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None = None) -> Tensor:
@@ -32,7 +23,7 @@ def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None 
     C = x.shape[1]
     check_shape("weight", weight, (C, 1, 3, 3))
     check_shape("bias", bias, (C,))
-    x, weight, bias = _autocast(x, weight, bias)
+    x, (weight, bias) = autocast_inputs(x, [weight, bias])
     check_same("x", x, [("weight", weight), ("bias", bias)])
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")

@@ -12,19 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from .._validate import check_same, check_shape, check_tensor, memory_format_of
+from .._validate import autocast_inputs, check_same, check_shape, check_tensor, memory_format_of
 from ..dwconv_gelu import dwconv_gelu
 from .reference import mlp_ref
 
 _NAMES = ("w1", "b1", "wd", "bd", "w2", "b2")
-
-
-def _autocast(x: Tensor, weights):
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return x.to(dt), [w.to(dt) for w in weights]
-    return x, list(weights)
 
 
 def mlp(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b2: Tensor, *,
@@ -45,7 +37,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b
     for name, w, shape in zip(_NAMES[1:], weights[1:], [(hidden,), (hidden, 1, 3, 3), (hidden,),
                                                         (C, hidden, 1, 1), (C,)]):
         check_shape(name, w, shape)
-    x, weights = _autocast(x, weights)
+    x, weights = autocast_inputs(x, weights)
     check_same("x", x, list(zip(_NAMES, weights)))
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")

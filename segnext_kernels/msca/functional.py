@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._validate import check_same, check_tensor, memory_format_of
+from .._validate import autocast_inputs, check_same, check_tensor, memory_format_of
 from .reference import MSCAWeights, msca_ref, weight_shapes
 
 
@@ -25,15 +25,6 @@ def _check(u: Tensor, weights) -> None:
         raise ValueError(f"u must not be empty, got shape {tuple(u.shape)}")
 
 
-def _autocast(u: Tensor, weights):
-    """Under autocast, compute as conv2d would: u and weights in the autocast dtype."""
-    dev = u.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return u.to(dt), [w.to(dt) for w in weights]
-    return u, list(weights)
-
-
 def msca(u: Tensor, *weights: Tensor, backend: str | None = None) -> Tensor:
     """Multi-scale convolutional attention, fused.
 
@@ -43,7 +34,7 @@ def msca(u: Tensor, *weights: Tensor, backend: str | None = None) -> Tensor:
     ``backend`` overrides the selected one for this call.
     """
     check_tensor("u", u, dim=4)
-    u, weights = _autocast(u, weights)
+    u, weights = autocast_inputs(u, weights)
     _check(u, weights)
     name = backends.resolve("msca", u.device) if backend is None else backend
     if name == "reference":
