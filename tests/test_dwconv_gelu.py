@@ -416,3 +416,17 @@ def test_folded_block_compiles():
         want = block(x)
         got = torch.compile(block, fullgraph=True, backend="eager")(x)
     assert rel_err(got, want.double()) <= 1e-5
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    # As conv2d under autocast: inputs and weights cast to bfloat16, result in bfloat16, close to
+    # the reference on the cast values.
+    x, w, b, _ = make_inputs(1, 16, 6, 7, dtype=torch.float32, fmt=torch.channels_last)
+    xm, ws = make_mlp(1, 8, 6, 7, 4, dtype=torch.float32, fmt=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dwconv_gelu(x, w, b, backend="cpu")
+        ym = mlp(xm, *ws, backend="cpu")
+    assert y.dtype == torch.bfloat16 and ym.dtype == torch.bfloat16
+    bf = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    assert rel_err(y, dwconv_gelu_ref(bf(x), bf(w), bf(b))) <= 1e-2
+    assert rel_err(ym, mlp_ref(bf(xm), *[bf(t) for t in ws])) <= 2e-2
