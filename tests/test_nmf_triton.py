@@ -289,7 +289,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         if unrolled is not None:
             const["UNROLLED"] = unrolled
         triton.compile(ASTSource(fn=kernel, signature=types(kernel, const), constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
     print("compiled")
 """)
 
@@ -331,3 +331,19 @@ def test_gpu_api_and_compile():
     y_ref = segnext_kernels.nmf2d(x.double(), R=16, steps=6, bases=bases.double(),
                                   backend="reference")
     assert rel_err(y, y_ref) <= TOL32 and torch.equal(y, yc)
+
+
+def test_rank_above_the_kernels_limit_runs_the_reference():
+    # R > MAX_RANK (shared memory of the backward) falls back to the reference, same result;
+    # the launcher itself refuses it, and sizes its int32 offsets cannot index, clearly.
+    B, C, H, W, R = 1, 8, 2, 3, nmf_triton.MAX_RANK + 2
+    x = torch.rand(B, C, H, W, device=DEV)
+    bases = draw_bases(B, C, R, device=DEV)
+    got = segnext_kernels.nmf2d(x, R=R, steps=2, bases=bases, backend="triton")
+    want = segnext_kernels.nmf2d(x, R=R, steps=2, bases=bases, backend="reference")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="rank R=130 is above"):
+        nmf_triton.check_sizes(8, 6, 130)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        nmf_triton.check_sizes(1 << 16, 1 << 16, 16)
+    nmf_triton.check_sizes(512, 4096, 64)  # SegNeXt-B's decoder: fine

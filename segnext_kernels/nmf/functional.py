@@ -80,9 +80,15 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
                 raise ValueError(f"bases is on {bases.device} but x is on {x.device}")
             bases = bases.to(cdtype)
         name = backends.resolve("nmf2d", x.device) if backend is None else backend
-        if name == "reference" or (cdtype == torch.float64 and name == "triton"):
+        too_big = name == "triton" and R > _triton_max_rank()
+        if name == "reference" or too_big or (cdtype == torch.float64 and name == "triton"):
             Y = nmf_decompose_ref(X, bases, steps, eps, inv_t, grad)
         else:
             from ..ops import nmf2d_fused
             Y = nmf2d_fused(X.contiguous(), bases.contiguous(), steps, eps, inv_t, grad, name)
     return Y.reshape(B, C, H, W).to(x.dtype)
+
+
+def _triton_max_rank() -> int:
+    from .triton import MAX_RANK  # noqa: PLC0415 - triton is imported only when used
+    return MAX_RANK

@@ -546,6 +546,22 @@ def _num_warps(BR: int) -> int:
     return 4 if BR <= 32 else 8  # BR=64: the R×R Grams and N×R tiles need the registers
 
 
+# Largest padded rank the kernels take: with num_stages=1 the BR=128 backward needs ~131 KB of
+# shared memory (H100/A100 class); larger ranks run the reference (nmf/functional.py).
+MAX_RANK = 128
+
+
+def check_sizes(D: int, N: int, R: int) -> None:
+    """Refuse what the kernels' int32 offsets and grid limits cannot index."""
+    if R > MAX_RANK:
+        raise ValueError(f"nmf2d (triton): rank R={R} is above the kernels' limit {MAX_RANK}")
+    if D * N >= 2 ** 31 or N * max(R, 16) >= 2 ** 31:
+        raise ValueError(f"nmf2d (triton): D*N = {D * N} elements per item is beyond the kernels' "
+                         f"32-bit offsets")
+    if triton.cdiv(N, 16) > 65535:
+        raise ValueError(f"nmf2d (triton): N = {N} is beyond the kernels' grid limit")
+
+
 def block_sizes(D: int, N: int, R: int):
     """(BLOCK_D, BLOCK_N, BR). tl.dot needs every dim ≥ 16. The interpreter prefers big tiles
     (fewer numpy calls); on a GPU the tiles are kept register-sized."""
@@ -589,6 +605,7 @@ def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, in
     coef_hist (b, nC, N, R), u_hist (b, nU, N, R), p_hist (b, nP, D, R), h_hist (b, nP, R, R))."""
     b, D, N = X.shape
     R = bases.shape[2]
+    check_sizes(D, N, R)
     BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
     nw = _num_warps(BR)
     nB, nC, nU, nP = ring_sizes(steps, full_history)
@@ -612,17 +629,17 @@ def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, in
     if n_chunks == 1:
         nmf_forward_kernel[(b,)](X, bases_hist, coef_hist, u_hist, p_arg, h_arg, xc_part,
                                  cc_part, Y, D, N, R, steps, nB, nC, nU, nP_arg, eps, inv_t,
-                                 BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+                                 BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
     else:
         n_dblocks = triton.cdiv(D, BLOCK_D)
         for j in range(steps + 1):
             nmf_coef_kernel[(b, n_chunks)](X, bases_hist, coef_hist, u_hist, xc_part, cc_part,
                                            Y, j, steps, D, N, R, nB, nC, nU, chunk, eps, inv_t,
-                                           BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+                                           BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
             if j < steps:
                 nmf_bases_kernel[(b, n_dblocks)](bases_hist, xc_part, cc_part, p_arg, h_arg, j,
                                                  D, R, nB, nP_arg, n_chunks, eps,
-                                                 BLOCK_D=BLOCK_D, BR=BR, num_warps=nw)
+                                                 BLOCK_D=BLOCK_D, BR=BR, num_warps=nw, num_stages=1)
     return Y, bases_hist, coef_hist, u_hist, p_hist, h_hist
 
 
@@ -665,7 +682,7 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
                                   dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part,
                                   dg_part, dbases, dx, D, N, R, steps, nB, nC, nU, nDU, nS,
                                   eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
-                                  BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+                                  BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
     else:
         for i in range(steps + 1 if unrolled else 1):
             k = steps + 1 - i
@@ -673,13 +690,13 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
                 X, dY, bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dblocks,
                 du_hist, xdu_part, dg_part, k, steps, D, N, R, nB, nC, nU, nDU, nS, chunk,
                 eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR,
-                num_warps=nw)
+                num_warps=nw, num_stages=1)
             if unrolled:
                 nmf_bases_grad_kernel[(b, n_dblocks)](
                     bases_hist, p_arg, h_arg, db_carry, xdu_part, dg_part, n_chunks, dp_hist,
                     dh_part, dbases, k, steps, D, R, nB, nS, eps, BLOCK_D=BLOCK_D, BR=BR,
-                    num_warps=nw)
+                    num_warps=nw, num_stages=1)
         nmf_dx_kernel[(b, triton.cdiv(N, BLOCK_N))](
             bases_hist, du_hist, dp_hist, coef_hist, dx, steps, D, N, R, nB, nDU, nC, nS,
-            UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw)
+            UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
     return dx, (dbases if unrolled else None)
