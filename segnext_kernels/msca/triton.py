@@ -714,8 +714,10 @@ def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
     TW x BC = 256 (forward) / 128 (backward) fp32 values per [TW, BC] register tile, i.e. 2 / 1
     registers per thread per tile, so that the 31 rolling tiles fit without spills."""
     if gpu:
-        cfg = {"dw": dict(TH=64, TW=64, BC=4, num_warps=4),   # ptxas: 152 regs, no spill
-               "strip_bwd": dict(TH=32, TW=32, BC=4, num_warps=8),
+        # ptxas (sm_90): dw 152-197 regs by triton version, no spill; strip_bwd with TW=32
+        # spilled 136-200 B/thread at 255 regs (its [32, TW, BC] tap stacks), TW=16 does not.
+        cfg = {"dw": dict(TH=64, TW=64, BC=4, num_warps=4),
+               "strip_bwd": dict(TH=32, TW=16, BC=4, num_warps=8),
                "dw5_bwd": dict(TH=16, TW=32, BC=4, num_warps=4)}[which]
     else:  # interpreter: few big programs (its cost is per program and per op, not per element)
         cfg = {"dw": dict(TH=64, TW=32, BC=64, num_warps=4),
@@ -741,8 +743,9 @@ def _gemm_tiles(C: int, dtype: torch.dtype, gpu: bool) -> dict:
     return cfg
 
 
-def _n_programs(n_tiles: int, device: torch.device, per_sm: int = 4) -> int:
-    """Grid of the persistent kernels: a few programs per SM on a GPU, one per tile otherwise."""
+def _n_programs(n_tiles: int, device: torch.device, per_sm: int = 2) -> int:
+    """Grid of the persistent kernels: a few programs per SM on a GPU (2: the depthwise kernels'
+    ~190 registers x 128 threads allow 2 resident per SM), one per tile otherwise."""
     n = n_tiles
     if device.type == "cuda" and not _interpret():
         n = min(n, torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
