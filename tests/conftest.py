@@ -37,3 +37,11 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test (``threads(n)``), restoring it afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)

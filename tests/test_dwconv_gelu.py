@@ -31,13 +31,6 @@ SHAPES = [(1, 1, 1, 1), (2, 3, 1, 7), (1, 5, 7, 1), (2, 16, 2, 2), (1, 17, 5, 11
           (2, 40, 13, 3), (1, 33, 23, 29), (3, 64, 9, 16)]
 
 
-@pytest.fixture
-def threads():
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def make_inputs(B, C, H, W, dtype=torch.float64, fmt=torch.contiguous_format, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)

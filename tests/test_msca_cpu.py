@@ -23,14 +23,6 @@ NAMES = ("out", "grad_u") + tuple("grad_" + n for n in MSCAWeights._fields)
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test, restoring it afterwards."""
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def make_inputs(B, C, H, W, dtype=torch.float64, fmt=torch.contiguous_format, seed=0):
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
