@@ -105,8 +105,10 @@ def test_two_process_cpu_run_keeps_ranks_identical(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # (c) resume
 
-def test_resume_continues_the_same_run(tmp_path):
-    common = ["--iters", "4", "--warmup-iters", "2", "--device", "cpu"]
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_resume_continues_the_same_run(tmp_path, amp):
+    # fp16 adds the GradScaler: its scale and growth tracker must come back with the run.
+    common = ["--iters", "4", "--warmup-iters", "2", "--device", "cpu", "--amp", amp]
     straight = _run(tmp_path, "straight", *common, "--checkpoint-every", "2")
 
     # A run stopped after its iteration-2 checkpoint, continued with --resume auto.
@@ -122,6 +124,14 @@ def test_resume_continues_the_same_run(tmp_path):
     final_resumed = _state(tmp_path / "resumed" / "iter_4.pth")
     _assert_same_tensors(final_straight["state_dict"], final_resumed["state_dict"])
     assert final_straight["scheduler"] == final_resumed["scheduler"]
+    assert final_straight["grad_scaler"] == final_resumed["grad_scaler"]
+    if amp == "fp16":
+        scaler = final_straight["grad_scaler"]
+        assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0, scaler
+        # the iteration-2 checkpoint carried a live scaler state (not the disabled empty dict)
+        assert _state(tmp_path / "straight" / "iter_2.pth")["grad_scaler"]
+    else:
+        assert final_straight["grad_scaler"] == {}
     for a, b in zip(final_straight["optimizer"]["state"].values(),
                     final_resumed["optimizer"]["state"].values()):
         _assert_same_tensors(a, b)
