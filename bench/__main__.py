@@ -86,7 +86,8 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
-    from . import bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_strip_conv
+    from . import (bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_patch,
+                   bench_strip_conv)
 
     builders = {
         "strip": [bench_strip_conv.cases],
@@ -95,6 +96,7 @@ def build_cases(cfg: Config):
         "nmf": [bench_nmf.cases],
         "block": [bench_block.cases],
         "model": [bench_model.cases],
+        "patch": [bench_patch.cases],
         "memory": [bench_msca.memory_cases, bench_model.memory_cases],
     }
     out: Dict[str, tuple] = {}

@@ -21,7 +21,7 @@ from . import roofline
 from .timing import (Timing, format_time, time_cpu, time_cuda_events, time_cuda_graph,
                      time_do_bench)
 
-LEVELS = ("strip", "msca", "mlp", "nmf", "block", "model", "memory")
+LEVELS = ("strip", "msca", "mlp", "nmf", "block", "model", "patch", "memory")
 SIZES = ("smoke", "quick", "full")
 
 

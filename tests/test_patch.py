@@ -241,3 +241,72 @@ def test_patch_leaves_mlp_variants_with_more_state_alone():
     wrapper.dwconv.scale = nn.Parameter(torch.ones(1))
     net = nn.Sequential(extra_child, extra_param, wrapper)
     assert sk.patch(net) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The drop-in claim on a whole model written as the official code writes it
+# (bench/official_segnext.py): patch() keeps its outputs and its training steps.
+
+def _official_pair(train):
+    from bench.official_segnext import OfficialSegNeXt
+    torch.manual_seed(0)
+    official = OfficialSegNeXt("t", num_classes=5).train(train)
+    patched = copy.deepcopy(official)
+    replaced = sk.patch(patched)
+    return official, patched, replaced
+
+
+def test_patch_official_segnext_replaces_every_msca_mlp_and_nmf():
+    _, patched, replaced = _official_pair(train=False)
+    kinds = [r.new for r in replaced]
+    # SegNeXt-T: 3 + 3 + 5 + 2 blocks, each with one MSCA and one MLP; one NMF2D in the head
+    assert kinds.count("MSCA") == 13 and kinds.count("FusedMlp") == 13
+    assert kinds.count("NMF2D") == 1 and len(kinds) == 27
+    assert not any(type(m).__name__ == "AttentionModule" for m in patched.modules())
+    sk.unpatch(patched)
+    assert sum(type(m).__name__ == "AttentionModule" for m in patched.modules()) == 13
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_patched_official_segnext_infers_and_trains_as_before(layout):
+    official, patched, _ = _official_pair(train=True)
+    official = official.to(memory_format=layout)
+    patched = patched.to(memory_format=layout)
+    torch.manual_seed(1)
+    batches = [(torch.randn(2, 3, 64, 64).contiguous(memory_format=layout),
+                torch.randint(0, 5, (2, 64, 64))) for _ in range(3)]
+    # inference (eval mode, the same NMF bases), before any training
+    with torch.no_grad():
+        official.eval()
+        patched.eval()
+        torch.manual_seed(7)
+        want = official(batches[0][0])
+        torch.manual_seed(7)
+        got = patched(batches[0][0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    official.train()
+    patched.train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (official, patched)]
+    losses, first_grads = ([], []), ({}, {})
+    for step, (img, labels) in enumerate(batches):
+        for which, (model, opt) in enumerate(zip((official, patched), opts)):
+            torch.manual_seed(100 + step)  # same NMF bases, dropout and drop-path draws
+            logits = F.interpolate(model(img), size=img.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            loss = F.cross_entropy(logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            if step == 0:
+                first_grads[which].update({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+            losses[which].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]),
+                               rtol=1e-4, atol=1e-6)
+    # Gradients of the first step, every parameter. (Later weights are not compared: AdamW
+    # normalises a gradient that is pure rounding noise, e.g. a conv bias followed by BN, to a
+    # full-size step, so equal models drift apart in such parameters without any error.)
+    scale = max(g.abs().max().item() for g in first_grads[0].values())
+    assert first_grads[0].keys() == first_grads[1].keys()
+    for name, want in first_grads[0].items():
+        torch.testing.assert_close(first_grads[1][name], want, rtol=1e-3, atol=1e-5 * scale,
+                                   msg=name)
