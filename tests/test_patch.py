@@ -1,4 +1,5 @@
-"""patch()/unpatch() on a model written independently of ours, with the official attribute names."""
+"""patch()/unpatch() on models written independently of ours, with the official attribute names
+(bench/official_segnext.py: the official SegNeXt restated without mmcv)."""
 import copy
 
 import pytest
@@ -7,52 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import segnext_kernels as sk
-
-
-class AttentionModule(nn.Module):
-    """The official MSCA (SegNeXt's mscan.py), written out independently."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.conv0_1 = nn.Conv2d(dim, dim, (1, 7), padding=(0, 3), groups=dim)
-        self.conv0_2 = nn.Conv2d(dim, dim, (7, 1), padding=(3, 0), groups=dim)
-        self.conv1_1 = nn.Conv2d(dim, dim, (1, 11), padding=(0, 5), groups=dim)
-        self.conv1_2 = nn.Conv2d(dim, dim, (11, 1), padding=(5, 0), groups=dim)
-        self.conv2_1 = nn.Conv2d(dim, dim, (1, 21), padding=(0, 10), groups=dim)
-        self.conv2_2 = nn.Conv2d(dim, dim, (21, 1), padding=(10, 0), groups=dim)
-        self.conv3 = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x):
-        u = x.clone()
-        attn = self.conv0(x)
-        attn_0 = self.conv0_2(self.conv0_1(attn))
-        attn_1 = self.conv1_2(self.conv1_1(attn))
-        attn_2 = self.conv2_2(self.conv2_1(attn))
-        attn = attn + attn_0 + attn_1 + attn_2
-        return self.conv3(attn) * u
-
-
-class NMF2D(nn.Module):
-    """mmseg 1.x's NMF2D, written out independently (rand_init, spatial)."""
-
-    def __init__(self, S=1, R=8, train_steps=6, eval_steps=7, inv_t=100, rand_init=True):
-        super().__init__()
-        self.S, self.R, self.train_steps, self.eval_steps = S, R, train_steps, eval_steps
-        self.inv_t, self.rand_init = 1, rand_init  # NMF2D overrides inv_t to 1
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        D = C // self.S
-        x = x.view(B * self.S, D, H * W)
-        bases = F.normalize(torch.rand((B * self.S, D, self.R), device=x.device), dim=1)
-        coef = F.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)
-        steps = self.train_steps if self.training else self.eval_steps
-        for _ in range(steps):
-            coef = coef * torch.bmm(x.transpose(1, 2), bases) / (coef.bmm(bases.transpose(1, 2).bmm(bases)) + 1e-6)
-            bases = bases * torch.bmm(x, coef) / (bases.bmm(coef.transpose(1, 2).bmm(coef)) + 1e-6)
-        coef = coef * torch.bmm(x.transpose(1, 2), bases) / (coef.bmm(bases.transpose(1, 2).bmm(bases)) + 1e-6)
-        return torch.bmm(bases, coef.transpose(1, 2)).view(B, C, H, W)
+# The official MSCA, DWConv wrapper and mmseg NMF2D, written out independently of segnext_kernels
+from bench.official_segnext import AttentionModule, DWConv, NMF2D
 
 
 class Net(nn.Module):
@@ -125,17 +82,6 @@ def test_non_matching_modules_are_left_alone():
 # --------------------------------------------------------------------------------------------
 # The MSCAN MLP, written out independently in both official spellings
 # --------------------------------------------------------------------------------------------
-class DWConv(nn.Module):
-    """The original release's wrapper: keys ``dwconv.dwconv.*``."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
-
-    def forward(self, x):
-        return self.dwconv(x)
-
-
 class Mlp(nn.Module):
     """SegNeXt's Mlp (mscan.py); ``plain_dwconv`` spells the 3x3 as mmseg 1.x does."""
 
