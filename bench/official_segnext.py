@@ -50,10 +50,14 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features, drop=0.0):
+    """``plain_dwconv`` spells the 3x3 as mmseg 1.x does (keys ``dwconv.*``, no wrapper)."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0, plain_dwconv=False):
         super().__init__()
         self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
-        self.dwconv = DWConv(hidden_features)
+        self.dwconv = (nn.Conv2d(hidden_features, hidden_features, 3, 1, 1, bias=True,
+                                 groups=hidden_features)
+                       if plain_dwconv else DWConv(hidden_features))
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_features, in_features, 1)
         self.drop = nn.Dropout(drop)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import segnext_kernels as sk
-# The official MSCA, DWConv wrapper and mmseg NMF2D, written out independently of segnext_kernels
-from bench.official_segnext import AttentionModule, DWConv, NMF2D
+# The official MSCA, MLP (both spellings) and mmseg NMF2D, written independently of segnext_kernels
+from bench.official_segnext import AttentionModule, DWConv, Mlp, NMF2D
 
 
 class Net(nn.Module):
@@ -80,29 +80,8 @@ def test_non_matching_modules_are_left_alone():
 
 
 # --------------------------------------------------------------------------------------------
-# The MSCAN MLP, written out independently in both official spellings
+# The MSCAN MLP, written out independently in both official spellings (bench/official_segnext.py)
 # --------------------------------------------------------------------------------------------
-class Mlp(nn.Module):
-    """SegNeXt's Mlp (mscan.py); ``plain_dwconv`` spells the 3x3 as mmseg 1.x does."""
-
-    def __init__(self, dim, hidden, drop=0.0, plain_dwconv=False):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.dwconv = (nn.Conv2d(hidden, hidden, 3, 1, 1, bias=True, groups=hidden)
-                       if plain_dwconv else DWConv(hidden))
-        self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        x = self.fc1(x)
-        x = self.dwconv(x)
-        x = self.act(x)
-        x = self.drop(x)
-        x = self.fc2(x)
-        return self.drop(x)
-
-
 def _randomize(net):
     with torch.no_grad():
         for p in net.parameters():
