@@ -17,12 +17,13 @@ is two passes over X, as in the eager code, but each pass does everything that c
 that X tile in registers:
 
 - **coef pass** (a program owns a chunk of N columns): for each column block, U = Xᵀ B (loop
-  over D), the softmax init on the first step (it shares U_0 with the first update), the coef
-  update, and either the bases-update partials (X C over its columns — a second, D-outer loop
-  over the same X columns, still in L2 — and CᵀC) or, on the last step, the reconstruction
-  Y = B Cᵀ straight from registers. G = BᵀB is recomputed per program (D·R² flops: cheap).
+  over D), the softmax init on the first step (it shares U_0 with the first update) and the
+  coef update; then, from the new coef rows it stored (still in L2), either the bases-update
+  partials (CᵀC, and X C over its columns — a D-outer loop over the same X columns) or, on the
+  last step, the reconstruction Y = B Cᵀ. G = BᵀB is recomputed per program (D·R² flops:
+  cheap) into a small scratch buffer.
 - **bases pass** (a program owns D rows): sums the chunks' partials and applies the bases
-  update; B (D×R), the partial sums and the R×R Grams stay in L2 / registers.
+  update; B (D×R), the partial sums and the R×R Grams stay in L2.
 
 Two launch modes share these passes (``@triton.jit`` helpers):
 
@@ -65,6 +66,22 @@ All dots accumulate in float32 with ``input_precision="ieee"``; eps stays float3
 stores are masked for any D, N, R ≥ 1; R is padded to ``BR`` = max(16, next_pow2(R)) in
 registers (padded columns of B and C are exact zeros, the softmax masks them with -inf).
 
+Registers (sm_90, no spills up to BR = 128): an ieee float32 ``tl.dot`` runs on the FMA units
+with both operands staged through shared memory, and ptxas loads a thread's whole share of them
+into registers before the FMAs — K·(rows + columns of the thread's output block), 512 values
+for a 64×64×64 dot at 8 warps. So no contraction over the rank is one dot: each goes in K slices
+of ``KC`` = 16 loaded from memory (G, dH + dHᵀ, dG + dGᵀ from a per-program scratch, dV and dW
+from the carry rows they replace, U and C from their buffers), in loops kept rolled, and every
+R×R result (G, CᵀC, dG, dH, their sums) is produced in 16-row slices rather than held whole. No
+tile lives across a loop it is not used in (U and C go through memory between phases), C_0
+reaches the first update through memory (a register C_0 feeding a dot gets rematerialised in
+the dot-operand layout: the whole K row per thread), and loop-invariant address math is not
+hoisted (``disable_licm``: one pointer per element per tile would otherwise stay live).
+GPU tiles (``_gpu_block_sizes``): BLOCK_D × BLOCK_N = 64×64 for BR ≤ 32 (4 warps at BR = 16, 8
+at 32), 32×32 at 8 warps for BR = 64 and 128 — an N×R or D×R tile is then 8 registers per
+thread at BR = 64. Up to BR = 64 every kernel fits in 128 registers (no spill even at 112),
+pinned with ``maxnreg`` (``_launch_options``): 16 warps per SM. At BR = 128 up to ~200: 8 warps.
+
 Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
 """
@@ -83,11 +100,29 @@ POISON_OUTPUTS: bool = os.environ.get("SEGNEXT_POISON_OUTPUTS", "").strip().lowe
 # --------------------------------------------------------------------------------------------
 # small tile helpers
 # --------------------------------------------------------------------------------------------
+# Every contraction over the rank runs in K slices of KC (tl.dot's smallest K) loaded from
+# memory, and every R×R result is built in KC-row slices, KR rows of N or D per dot: an ieee
+# float32 dot stages both operands through shared memory and ptxas loads a thread's whole share
+# into registers before the FMAs, so the slice, not R, sets the register count (module docstring).
+KC = tl.constexpr(16)
+KR = tl.constexpr(32)
+
+
 @triton.jit
 def _load_tile(ptr, row0, n_rows, n_cols, stride, BLOCK: tl.constexpr, BC: tl.constexpr):
     """(BLOCK, BC) tile of a row-major matrix, rows row0.. < n_rows, cols < n_cols, zero padded."""
     rows = row0 + tl.arange(0, BLOCK)
     cols = tl.arange(0, BC)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_block(ptr, row0, n_rows, col0, n_cols, stride, BLOCK: tl.constexpr,
+                BC: tl.constexpr):
+    """(BLOCK, BC) block at (row0, col0) of a row-major matrix, rows < n_rows, cols < n_cols."""
+    rows = row0 + tl.arange(0, BLOCK)
+    cols = col0 + tl.arange(0, BC)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
@@ -110,22 +145,31 @@ def _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _gram(b_ptr, D, R, BLOCK_D: tl.constexpr, BR: tl.constexpr):
-    """BᵀB (BR, BR) of a (D, R) matrix, over all D."""
-    acc = tl.zeros((BR, BR), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        b = _load_tile(b_ptr, d0, D, R, R, BLOCK_D, BR)
-        acc += tl.dot(tl.trans(b), b, input_precision="ieee")
-    return acc
+def _store_gram(g_ptr, b_ptr, D, R, BR: tl.constexpr):
+    """G = BᵀB of a (D, R) matrix into a (BR, BR) buffer, rows < R rounded up to KC."""
+    for r0 in tl.range(0, R, KC, disable_licm=True):
+        acc = tl.zeros((KC, BR), dtype=tl.float32)
+        for d0 in tl.range(0, D, KR, disable_licm=True):
+            acc += tl.dot(tl.trans(_load_block(b_ptr, d0, D, r0, R, R, KR, KC)),
+                          _load_tile(b_ptr, d0, D, R, R, KR, BR), input_precision="ieee")
+        _store_tile(g_ptr, acc, r0, BR, BR, BR, KC, BR)
 
 
 @triton.jit
-def _sum_square_partials(ptr, count, BR: tl.constexpr):
-    """Σ over ``count`` (BR, BR) partials stored back to back."""
-    acc = tl.zeros((BR, BR), dtype=tl.float32)
-    for i in range(0, count):
-        acc += _load_tile(ptr + i * BR * BR, 0, BR, BR, BR, BR, BR)
-    return acc
+def _store_sym_sum(dst_ptr, src_ptr, count, R, BR: tl.constexpr):
+    """S + Sᵀ into a (BR, BR) buffer, rows < R rounded up to KC; S = Σ of ``count`` (BR, BR)
+    partials stored back to back (only their rows and columns < R are read)."""
+    for r0 in tl.range(0, R, KC, disable_licm=True):
+        rows = r0 + tl.arange(0, KC)
+        cols = tl.arange(0, BR)
+        mask = (rows[:, None] < R) & (cols[None, :] < R)
+        s = tl.zeros((KC, BR), dtype=tl.float32)
+        s_t = tl.zeros((KC, BR), dtype=tl.float32)
+        for i in range(0, count):
+            part = src_ptr + i * BR * BR
+            s += tl.load(part + rows[:, None] * BR + cols[None, :], mask=mask, other=0.0)
+            s_t += tl.load(part + cols[None, :] * BR + rows[:, None], mask=mask, other=0.0)
+        _store_tile(dst_ptr, s + s_t, r0, BR, BR, BR, KC, BR)
 
 
 @triton.jit
@@ -142,51 +186,66 @@ def _sum_row_partials(ptr, count, d0, D, BLOCK_D: tl.constexpr, BR: tl.constexpr
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def coef_pass(x_ptr, bases_ptr, coef_in_ptr, coef_out_ptr, coef0_ptr, u_ptr, xc_part_ptr,
-              cc_part_ptr, y_ptr, D, N, R, n_lo, n_hi, eps, inv_t, first, last,
+              cc_part_ptr, g_ptr, y_ptr, D, N, R, n_lo, n_hi, eps, inv_t, first, last,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
     """Coef update on columns [n_lo, n_hi) of one item (softmax init first when ``first``);
-    then the bases-update partials (X C, CᵀC) of those columns, or Y = B Cᵀ when ``last``."""
+    then the bases-update partials (X C, CᵀC) of those columns, or Y = B Cᵀ when ``last``.
+    ``g_ptr``: this program's (BR, BR) scratch for G = BᵀB."""
     offs_r = tl.arange(0, BR)
     rmask = offs_r < R
-    G = _gram(bases_ptr, D, R, BLOCK_D, BR)
-    cc = tl.zeros((BR, BR), dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    _store_gram(g_ptr, bases_ptr, D, R, BR)
+    tl.debug_barrier()  # G is read back in row slices by every thread
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N, disable_licm=True):
         nmask = (n0 + tl.arange(0, BLOCK_N)) < n_hi
         num = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
             b = _load_tile(bases_ptr, d0, D, R, R, BLOCK_D, BR)
             num += tl.dot(tl.trans(x), b, input_precision="ieee")
+        _store_tile(u_ptr, num, n0, n_hi, R, R, BLOCK_N, BR)
         if first:
-            # coef init shares U_0 = Xᵀ B_0 with the first update.
+            # coef init shares U_0 = Xᵀ B_0 with the first update. C_0 goes through memory (at
+            # j = 0 the coef_in slot is coef0's): a register C_0 feeding the dot below would be
+            # rematerialised in the dot-operand layout (the whole K row per thread).
             s = tl.where(rmask[None, :], inv_t * num, float("-inf"))
             e = tl.exp(s - tl.max(s, axis=1)[:, None])
-            c_prev = e / tl.sum(e, axis=1)[:, None]
-            _store_tile(coef0_ptr, c_prev, n0, n_hi, R, R, BLOCK_N, BR)
-        else:
-            c_prev = _load_tile(coef_in_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-        den = tl.dot(c_prev, G, input_precision="ieee") + eps
-        c_new = tl.where(nmask[:, None], c_prev * num / den, 0.0)
+            _store_tile(coef0_ptr, e / tl.sum(e, axis=1)[:, None], n0, n_hi, R, R, BLOCK_N, BR)
+            tl.debug_barrier()  # C_0 rows are read back in column slices
+        den = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
+        for k0 in tl.range(0, R, KC, disable_licm=True):
+            den += tl.dot(_load_block(coef_in_ptr, n0, n_hi, k0, R, R, BLOCK_N, KC),
+                          _load_block(g_ptr, k0, BR, 0, BR, BR, KC, BR), input_precision="ieee")
+        tl.debug_barrier()  # U rows were stored by other threads
+        c_prev = _load_tile(coef_in_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        num = _load_tile(u_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        c_new = tl.where(nmask[:, None], c_prev * num / (den + eps), 0.0)
         _store_tile(coef_out_ptr, c_new, n0, n_hi, R, R, BLOCK_N, BR)
-        _store_tile(u_ptr, num, n0, n_hi, R, R, BLOCK_N, BR)
-        if last:
-            for d0 in range(0, D, BLOCK_D):
-                b = _load_tile(bases_ptr, d0, D, R, R, BLOCK_D, BR)
-                y = tl.dot(b, tl.trans(c_new), input_precision="ieee")
+    tl.debug_barrier()  # the new coef rows were stored by other threads of this program
+    if last:
+        for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
+            for n0 in tl.range(n_lo, n_hi, BLOCK_N, disable_licm=True):
+                y = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+                for k0 in tl.range(0, R, KC, disable_licm=True):
+                    b = _load_block(bases_ptr, d0, D, k0, R, R, BLOCK_D, KC)
+                    c = _load_block(coef_out_ptr, n0, n_hi, k0, R, R, BLOCK_N, KC)
+                    y += tl.dot(b, tl.trans(c), input_precision="ieee")
                 rows = d0 + tl.arange(0, BLOCK_D)
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tl.store(y_ptr + rows[:, None] * N + cols[None, :], y,
                          mask=(rows[:, None] < D) & (cols[None, :] < n_hi))
-        else:
-            cc += tl.dot(tl.trans(c_new), c_new, input_precision="ieee")
-    if not last:
-        _store_tile(cc_part_ptr, cc, 0, BR, BR, BR, BR, BR)
-        tl.debug_barrier()  # the new coef rows were stored by other threads of this program
-        for d0 in range(0, D, BLOCK_D):
+    else:
+        for r0 in tl.range(0, R, KC, disable_licm=True):
+            cc = tl.zeros((KC, BR), dtype=tl.float32)
+            for n0 in tl.range(n_lo, n_hi, KR, disable_licm=True):
+                cc += tl.dot(tl.trans(_load_block(coef_out_ptr, n0, n_hi, r0, R, R, KR, KC)),
+                             _load_tile(coef_out_ptr, n0, n_hi, R, R, KR, BR),
+                             input_precision="ieee")
+            _store_tile(cc_part_ptr, cc, r0, BR, BR, BR, KC, BR)
+        for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             xc = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
-            for n0 in range(n_lo, n_hi, BLOCK_N):
-                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
-                c = _load_tile(coef_out_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+            for n0 in tl.range(n_lo, n_hi, KC, disable_licm=True):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
+                c = _load_tile(coef_out_ptr, n0, n_hi, R, R, KC, BR)
                 xc += tl.dot(x, c, input_precision="ieee")
             _store_tile(xc_part_ptr, xc, d0, D, BR, BR, BLOCK_D, BR)
 
@@ -196,20 +255,29 @@ def bases_pass(bases_in_ptr, bases_out_ptr, xc_part_ptr, cc_part_ptr, n_parts, p
                D, R, d_lo, d_hi, eps, write_h, BLOCK_D: tl.constexpr, BR: tl.constexpr):
     """Bases update on rows [d_lo, d_hi): B ⊙ (X C) ⊘ (B CᵀC + eps) from the chunks' partials;
     saves P = X C and (when ``write_h``) H = CᵀC for the backward."""
-    cc = _sum_square_partials(cc_part_ptr, n_parts, BR)
     if write_h:
-        _store_tile(h_ptr, cc, 0, R, R, R, BR, BR)
-    for d0 in range(d_lo, d_hi, BLOCK_D):
+        for r0 in tl.range(0, R, KC, disable_licm=True):
+            h = tl.zeros((KC, BR), dtype=tl.float32)
+            for i in range(0, n_parts):
+                h += _load_tile(cc_part_ptr + i * BR * BR, r0, BR, BR, BR, KC, BR)
+            _store_tile(h_ptr, h, r0, R, R, R, KC, BR)
+    for d0 in tl.range(d_lo, d_hi, BLOCK_D, disable_licm=True):
+        den = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
+        for k0 in tl.range(0, R, KC, disable_licm=True):
+            cc = tl.zeros((KC, BR), dtype=tl.float32)
+            for i in range(0, n_parts):
+                cc += _load_tile(cc_part_ptr + i * BR * BR, k0, BR, BR, BR, KC, BR)
+            den += tl.dot(_load_block(bases_in_ptr, d0, d_hi, k0, R, R, BLOCK_D, KC), cc,
+                          input_precision="ieee")
         xc = _sum_row_partials(xc_part_ptr, n_parts, d0, D, BLOCK_D, BR)
         b = _load_tile(bases_in_ptr, d0, d_hi, R, R, BLOCK_D, BR)
-        den = tl.dot(b, cc, input_precision="ieee") + eps
-        _store_tile(bases_out_ptr, b * xc / den, d0, d_hi, R, R, BLOCK_D, BR)
+        _store_tile(bases_out_ptr, b * xc / (den + eps), d0, d_hi, R, R, BLOCK_D, BR)
         _store_tile(p_ptr, xc, d0, d_hi, R, R, BLOCK_D, BR)
 
 
 @triton.jit
 def _coef_step(pid_b, j, steps, n_lo, n_hi, part_index, x_ptr, bases_hist, coef_hist, u_hist,
-               xc_part, cc_part, y_ptr, D, N, R, nB, nC, nU, n_parts, eps, inv_t,
+               xc_part, cc_part, gram_part, y_ptr, D, N, R, nB, nC, nU, n_parts, eps, inv_t,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
     """Item pointers and ring slots of forward step ``j`` → coef_pass."""
     DN = D * N
@@ -222,6 +290,7 @@ def _coef_step(pid_b, j, steps, n_lo, n_hi, part_index, x_ptr, bases_hist, coef_
               u_hist + pid_b * nU * NR + (j % nU) * NR,
               xc_part + (pid_b * n_parts + part_index) * D * BR,
               cc_part + (pid_b * n_parts + part_index) * BR * BR,
+              gram_part + (pid_b * n_parts + part_index) * BR * BR,
               y_ptr + pid_b * DN, D, N, R, n_lo, n_hi, eps, inv_t, j == 0, j == steps,
               BLOCK_D, BLOCK_N, BR)
 
@@ -240,13 +309,14 @@ def _bases_step(pid_b, j, d_lo, d_hi, write_h, bases_hist, xc_part, cc_part, p_h
 
 @triton.jit(do_not_specialize=["steps"])
 def nmf_forward_kernel(x_ptr, bases_hist, coef_hist, u_hist, p_hist, h_hist, xc_part, cc_part,
-                       y_ptr, D, N, R, steps, nB, nC, nU, nP, eps, inv_t,
+                       gram_part, y_ptr, D, N, R, steps, nB, nC, nU, nP, eps, inv_t,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
     """Persistent forward: one program per item runs init, all steps and the reconstruction."""
     pid_b = tl.program_id(0).to(tl.int64)
-    for j in range(0, steps + 1):
+    for j in tl.range(0, steps + 1, disable_licm=True):
         _coef_step(pid_b, j, steps, 0, N, 0, x_ptr, bases_hist, coef_hist, u_hist, xc_part,
-                   cc_part, y_ptr, D, N, R, nB, nC, nU, 1, eps, inv_t, BLOCK_D, BLOCK_N, BR)
+                   cc_part, gram_part, y_ptr, D, N, R, nB, nC, nU, 1, eps, inv_t,
+                   BLOCK_D, BLOCK_N, BR)
         if j < steps:
             tl.debug_barrier()
             _bases_step(pid_b, j, 0, D, True, bases_hist, xc_part, cc_part, p_hist, h_hist,
@@ -255,8 +325,8 @@ def nmf_forward_kernel(x_ptr, bases_hist, coef_hist, u_hist, p_hist, h_hist, xc_
 
 
 @triton.jit(do_not_specialize=["j", "steps"])
-def nmf_coef_kernel(x_ptr, bases_hist, coef_hist, u_hist, xc_part, cc_part, y_ptr, j, steps,
-                    D, N, R, nB, nC, nU, chunk, eps, inv_t,
+def nmf_coef_kernel(x_ptr, bases_hist, coef_hist, u_hist, xc_part, cc_part, gram_part, y_ptr,
+                    j, steps, D, N, R, nB, nC, nU, chunk, eps, inv_t,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
     """Split forward, coef pass of step ``j``: grid (items, N chunks)."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -264,8 +334,8 @@ def nmf_coef_kernel(x_ptr, bases_hist, coef_hist, u_hist, xc_part, cc_part, y_pt
     n_lo = pid_c * chunk
     n_hi = tl.minimum(n_lo + chunk, N)
     _coef_step(pid_b, j, steps, n_lo, n_hi, pid_c, x_ptr, bases_hist, coef_hist, u_hist,
-               xc_part, cc_part, y_ptr, D, N, R, nB, nC, nU, tl.num_programs(1), eps, inv_t,
-               BLOCK_D, BLOCK_N, BR)
+               xc_part, cc_part, gram_part, y_ptr, D, N, R, nB, nC, nU, tl.num_programs(1),
+               eps, inv_t, BLOCK_D, BLOCK_N, BR)
 
 
 @triton.jit(do_not_specialize=["j"])
@@ -285,95 +355,141 @@ def nmf_bases_kernel(bases_hist, xc_part, cc_part, p_hist, h_hist, j, D, R, nB, 
 @triton.jit
 def coef_grad_pass(x_ptr, dy_ptr, b_prev_ptr, c_prev_ptr, c_cur_ptr, u_prev_ptr, dc_in_ptr,
                    dc_out_ptr, dp_ptr, dh_part_ptr, n_dh, du_ptr, xdu_part_ptr, dg_part_ptr,
-                   D, N, R, n_lo, n_hi, eps, inv_t, first, last, need_db,
+                   scr_ptr, D, N, R, n_lo, n_hi, eps, inv_t, first, last, need_db,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr):
     """Reverse of coef update k (C_k = C_{k-1} ⊙ U_{k-1} ⊘ (C_{k-1} G_{k-1} + eps)) on columns
     [n_lo, n_hi). dC_k = dYᵀ B_K when ``last``, else the carried part + Xᵀ dP_k + C_k (dH + dHᵀ).
     Writes dU_{k-1} (softmax-init backward added when ``first``), the carried dC_{k-1}, and, when
-    ``need_db``, the partials X dU_{k-1} (+ dY C_k when ``last``) and dG = C_{k-1}ᵀ dV."""
-    G = _gram(b_prev_ptr, D, R, BLOCK_D, BR)
-    dHs = tl.zeros((BR, BR), dtype=tl.float32)
+    ``need_db``, the partials X dU_{k-1} (+ dY C_k when ``last``) and dG = C_{k-1}ᵀ dV.
+    ``scr_ptr``: this program's 2 (BR, BR) scratch for G and dH + dHᵀ. dV goes to the dC_in
+    rows once they are read (the slot is the next step's dC_out), dC ⊙ U ⊘ V to the dC_out rows
+    before dC_{k-1} replaces it."""
+    g_ptr = scr_ptr
+    dhs_ptr = scr_ptr + BR * BR
+    _store_gram(g_ptr, b_prev_ptr, D, R, BR)
     if not last:
-        dH = _sum_square_partials(dh_part_ptr, n_dh, BR)
-        dHs = dH + tl.trans(dH)
-    dg = tl.zeros((BR, BR), dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        c_cur = _load_tile(c_cur_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-        acc = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
+        _store_sym_sum(dhs_ptr, dh_part_ptr, n_dh, R, BR)
+    tl.debug_barrier()  # G and dH + dHᵀ are read back in row slices by every thread
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N, disable_licm=True):
+        dc = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
         if last:
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
                 dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
                 b = _load_tile(b_prev_ptr, d0, D, R, R, BLOCK_D, BR)
-                acc += tl.dot(tl.trans(dy), b, input_precision="ieee")
-            dc = acc
+                dc += tl.dot(tl.trans(dy), b, input_precision="ieee")
         else:
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
                 x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
                 dp = _load_tile(dp_ptr, d0, D, R, R, BLOCK_D, BR)
-                acc += tl.dot(tl.trans(x), dp, input_precision="ieee")
-            dc = _load_tile(dc_in_ptr, n0, n_hi, R, R, BLOCK_N, BR) + acc + \
-                tl.dot(c_cur, dHs, input_precision="ieee")
-        c_prev = _load_tile(c_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-        u = _load_tile(u_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-        v = tl.dot(c_prev, G, input_precision="ieee") + eps
-        du = dc * c_prev / v
-        dv = -dc * c_cur / v
-        dc_prev = dc * u / v + tl.dot(dv, tl.trans(G), input_precision="ieee")
-        dg += tl.dot(tl.trans(c_prev), dv, input_precision="ieee")
+                dc += tl.dot(tl.trans(x), dp, input_precision="ieee")
+            for k0 in tl.range(0, R, KC, disable_licm=True):
+                dc += tl.dot(_load_block(c_cur_ptr, n0, n_hi, k0, R, R, BLOCK_N, KC),
+                             _load_block(dhs_ptr, k0, BR, 0, BR, BR, KC, BR),
+                             input_precision="ieee")
+            dc += _load_tile(dc_in_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        v = tl.zeros((BLOCK_N, BR), dtype=tl.float32)
+        for k0 in tl.range(0, R, KC, disable_licm=True):
+            v += tl.dot(_load_block(c_prev_ptr, n0, n_hi, k0, R, R, BLOCK_N, KC),
+                        _load_block(g_ptr, k0, BR, 0, BR, BR, KC, BR), input_precision="ieee")
+        v += eps
+        tl.debug_barrier()  # every thread has read its dC_in rows before dV replaces them
+        _store_tile(du_ptr, dc * _load_tile(c_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR) / v,
+                    n0, n_hi, R, R, BLOCK_N, BR)
+        _store_tile(dc_in_ptr, -dc * _load_tile(c_cur_ptr, n0, n_hi, R, R, BLOCK_N, BR) / v,
+                    n0, n_hi, R, R, BLOCK_N, BR)
+        _store_tile(dc_out_ptr, dc * _load_tile(u_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR) / v,
+                    n0, n_hi, R, R, BLOCK_N, BR)
+        tl.debug_barrier()  # dU, dV and dC ⊙ U ⊘ V were stored by other threads
+        # dC_{k-1} = dC ⊙ U ⊘ V + dV Gᵀ; G = BᵀB is symmetric, so its rows are its columns.
+        dc_prev = _load_tile(dc_out_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+        for k0 in tl.range(0, R, KC, disable_licm=True):
+            dc_prev += tl.dot(_load_block(dc_in_ptr, n0, n_hi, k0, R, R, BLOCK_N, KC),
+                              _load_block(g_ptr, k0, BR, 0, BR, BR, KC, BR),
+                              input_precision="ieee")
         if first:
             # C_0 = softmax(inv_t U_0): its backward lands on U_0 as well.
+            c_prev = _load_tile(c_prev_ptr, n0, n_hi, R, R, BLOCK_N, BR)
+            du = _load_tile(du_ptr, n0, n_hi, R, R, BLOCK_N, BR)
             du += inv_t * c_prev * (dc_prev - tl.sum(dc_prev * c_prev, axis=1)[:, None])
+            tl.debug_barrier()  # every thread has read its dU rows
+            _store_tile(du_ptr, du, n0, n_hi, R, R, BLOCK_N, BR)
         else:
+            tl.debug_barrier()  # every thread has read its dC ⊙ U ⊘ V rows
             _store_tile(dc_out_ptr, dc_prev, n0, n_hi, R, R, BLOCK_N, BR)
-        _store_tile(du_ptr, du, n0, n_hi, R, R, BLOCK_N, BR)
     if need_db:
-        _store_tile(dg_part_ptr, dg, 0, BR, BR, BR, BR, BR)
-        tl.debug_barrier()  # dU rows were stored by other threads of this program
-        for d0 in range(0, D, BLOCK_D):
+        tl.debug_barrier()  # dU and dV rows were stored by other threads of this program
+        for r0 in tl.range(0, R, KC, disable_licm=True):
+            dg = tl.zeros((KC, BR), dtype=tl.float32)
+            for n0 in tl.range(n_lo, n_hi, KR, disable_licm=True):
+                dg += tl.dot(tl.trans(_load_block(c_prev_ptr, n0, n_hi, r0, R, R, KR, KC)),
+                             _load_tile(dc_in_ptr, n0, n_hi, R, R, KR, BR),
+                             input_precision="ieee")
+            _store_tile(dg_part_ptr, dg, r0, BR, BR, BR, KC, BR)
+        for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             xdu = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
-            for n0 in range(n_lo, n_hi, BLOCK_N):
-                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
-                du = _load_tile(du_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-                xdu += tl.dot(x, du, input_precision="ieee")
+            for n0 in tl.range(n_lo, n_hi, KC, disable_licm=True):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
+                xdu += tl.dot(x, _load_tile(du_ptr, n0, n_hi, R, R, KC, BR),
+                              input_precision="ieee")
                 if last:  # Y = B_K C_{K+1}ᵀ → dB_K += dY C_{K+1}
-                    dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, BLOCK_N)
-                    c_cur = _load_tile(c_cur_ptr, n0, n_hi, R, R, BLOCK_N, BR)
-                    xdu += tl.dot(dy, c_cur, input_precision="ieee")
+                    dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
+                    xdu += tl.dot(dy, _load_tile(c_cur_ptr, n0, n_hi, R, R, KC, BR),
+                                  input_precision="ieee")
             _store_tile(xdu_part_ptr, xdu, d0, D, BR, BR, BLOCK_D, BR)
 
 
 @triton.jit
 def bases_grad_pass(b_prev_ptr, b_pprev_ptr, p_ptr, h_ptr, db_in_ptr, db_out_ptr, xdu_part_ptr,
-                    dg_part_ptr, n_parts, dp_ptr, dh_part_ptr, dbases_ptr, D, R, d_lo, d_hi, eps,
-                    first, has_carry, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+                    dg_part_ptr, n_parts, dp_ptr, dh_part_ptr, dbases_ptr, scr_ptr, D, R, d_lo,
+                    d_hi, eps, first, has_carry, BLOCK_D: tl.constexpr, BR: tl.constexpr):
     """Rows [d_lo, d_hi) of dB_{k-1} = carried + Σ X dU_{k-1} + B_{k-1}(dG + dGᵀ); written as the
     bases gradient when ``first`` (k = 1), else pushed through bases update k-1
-    (B_{k-1} = B_{k-2} ⊙ P ⊘ (B_{k-2} H + eps)): dP_{k-1}, carried dB_{k-2}, dH partial."""
-    dG = _sum_square_partials(dg_part_ptr, n_parts, BR)
-    dGs = dG + tl.trans(dG)
-    H = tl.zeros((BR, BR), dtype=tl.float32)
-    if not first:
-        H = _load_tile(h_ptr, 0, R, R, R, BR, BR)
-    dh = tl.zeros((BR, BR), dtype=tl.float32)
-    for d0 in range(d_lo, d_hi, BLOCK_D):
-        b1 = _load_tile(b_prev_ptr, d0, d_hi, R, R, BLOCK_D, BR)
-        db = _sum_row_partials(xdu_part_ptr, n_parts, d0, D, BLOCK_D, BR) + \
-            tl.dot(b1, dGs, input_precision="ieee")
+    (B_{k-1} = B_{k-2} ⊙ P ⊘ (B_{k-2} H + eps)): dP_{k-1}, carried dB_{k-2}, dH partial.
+    ``scr_ptr``: this program's (BR, BR) scratch for dG + dGᵀ. dW goes to the dB_in rows once
+    they are read (the slot is the next step's dB_out), dB ⊙ P ⊘ W to the dB_out rows before
+    dB_{k-2} replaces it."""
+    _store_sym_sum(scr_ptr, dg_part_ptr, n_parts, R, BR)
+    tl.debug_barrier()  # dG + dGᵀ is read back in row slices by every thread
+    for d0 in tl.range(d_lo, d_hi, BLOCK_D, disable_licm=True):
+        db = _sum_row_partials(xdu_part_ptr, n_parts, d0, D, BLOCK_D, BR)
+        for k0 in tl.range(0, R, KC, disable_licm=True):
+            db += tl.dot(_load_block(b_prev_ptr, d0, d_hi, k0, R, R, BLOCK_D, KC),
+                         _load_block(scr_ptr, k0, BR, 0, BR, BR, KC, BR), input_precision="ieee")
         if has_carry:
             db += _load_tile(db_in_ptr, d0, d_hi, R, R, BLOCK_D, BR)
         if first:
             _store_tile(dbases_ptr, db, d0, d_hi, R, R, BLOCK_D, BR)
         else:
-            b2 = _load_tile(b_pprev_ptr, d0, d_hi, R, R, BLOCK_D, BR)
-            p = _load_tile(p_ptr, d0, d_hi, R, R, BLOCK_D, BR)
-            w = tl.dot(b2, H, input_precision="ieee") + eps
-            dw = -db * b1 / w
-            _store_tile(dp_ptr, db * b2 / w, d0, d_hi, R, R, BLOCK_D, BR)
-            _store_tile(db_out_ptr, db * p / w + tl.dot(dw, tl.trans(H), input_precision="ieee"),
+            w = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
+            for k0 in tl.range(0, R, KC, disable_licm=True):
+                w += tl.dot(_load_block(b_pprev_ptr, d0, d_hi, k0, R, R, BLOCK_D, KC),
+                            _load_block(h_ptr, k0, R, 0, R, R, KC, BR), input_precision="ieee")
+            w += eps
+            tl.debug_barrier()  # every thread has read its dB_in rows before dW replaces them
+            _store_tile(dp_ptr, db * _load_tile(b_pprev_ptr, d0, d_hi, R, R, BLOCK_D, BR) / w,
                         d0, d_hi, R, R, BLOCK_D, BR)
-            dh += tl.dot(tl.trans(b2), dw, input_precision="ieee")
+            _store_tile(db_in_ptr, -db * _load_tile(b_prev_ptr, d0, d_hi, R, R, BLOCK_D, BR) / w,
+                        d0, d_hi, R, R, BLOCK_D, BR)
+            _store_tile(db_out_ptr, db * _load_tile(p_ptr, d0, d_hi, R, R, BLOCK_D, BR) / w,
+                        d0, d_hi, R, R, BLOCK_D, BR)
+            tl.debug_barrier()  # dW and dB ⊙ P ⊘ W were stored by other threads
+            # dB_{k-2} = dB ⊙ P ⊘ W + dW Hᵀ; H = CᵀC is symmetric, so its rows are its columns.
+            db_out = _load_tile(db_out_ptr, d0, d_hi, R, R, BLOCK_D, BR)
+            for k0 in tl.range(0, R, KC, disable_licm=True):
+                db_out += tl.dot(_load_block(db_in_ptr, d0, d_hi, k0, R, R, BLOCK_D, KC),
+                                 _load_block(h_ptr, k0, R, 0, R, R, KC, BR),
+                                 input_precision="ieee")
+            tl.debug_barrier()  # every thread has read its dB ⊙ P ⊘ W rows
+            _store_tile(db_out_ptr, db_out, d0, d_hi, R, R, BLOCK_D, BR)
     if not first:
-        _store_tile(dh_part_ptr, dh, 0, BR, BR, BR, BR, BR)
+        tl.debug_barrier()  # dW rows were stored by other threads of this program
+        for r0 in tl.range(0, R, KC, disable_licm=True):
+            dh = tl.zeros((KC, BR), dtype=tl.float32)
+            for d0 in tl.range(d_lo, d_hi, KR, disable_licm=True):
+                dh += tl.dot(tl.trans(_load_block(b_pprev_ptr, d0, d_hi, r0, R, R, KR, KC)),
+                             _load_tile(db_in_ptr, d0, d_hi, R, R, KR, BR),
+                             input_precision="ieee")
+            _store_tile(dh_part_ptr, dh, r0, BR, BR, BR, KC, BR)
 
 
 @triton.jit
@@ -383,14 +499,14 @@ def dx_pass(bases_b, du_b, dp_b, coef_b, dx_ptr, D, N, R, n_lo, n_hi, t_lo, k_lo
     once (never read-modify-written)."""
     DR = D * R
     NR = N * R
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for d0 in range(0, D, BLOCK_D):
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N, disable_licm=True):
+        for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-            for t in range(t_lo, steps + 1):
+            for t in tl.range(t_lo, steps + 1, disable_licm=True):
                 b = _load_tile(bases_b + (t % nB) * DR, d0, D, R, R, BLOCK_D, BR)
                 du = _load_tile(du_b + (t % nDU) * NR, n0, n_hi, R, R, BLOCK_N, BR)
                 acc += tl.dot(b, tl.trans(du), input_precision="ieee")
-            for k in range(k_lo, steps + 1):
+            for k in tl.range(k_lo, steps + 1, disable_licm=True):
                 dp = _load_tile(dp_b + (k - 1) * DR, d0, D, R, R, BLOCK_D, BR)
                 c = _load_tile(coef_b + (k % nC) * NR, n0, n_hi, R, R, BLOCK_N, BR)
                 acc += tl.dot(dp, tl.trans(c), input_precision="ieee")
@@ -403,8 +519,8 @@ def dx_pass(bases_b, du_b, dp_b, coef_b, dx_ptr, D, N, R, n_lo, n_hi, t_lo, k_lo
 @triton.jit
 def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
                     bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dh, du_hist,
-                    xdu_part, dg_part, D, N, R, nB, nC, nU, nDU, nS, n_parts, eps, inv_t,
-                    UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    xdu_part, dg_part, scratch_part, D, N, R, nB, nC, nU, nDU, nS, n_parts, eps,
+                    inv_t, UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     BR: tl.constexpr):
     """Item pointers and ring slots of reverse step ``k`` → coef_grad_pass."""
     DN = D * N
@@ -422,6 +538,7 @@ def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
                    du_hist + pid_b * nDU * NR + ((k - 1) % nDU) * NR,
                    xdu_part + (pid_b * n_parts + part_index) * D * BR,
                    dg_part + (pid_b * n_parts + part_index) * BR * BR,
+                   scratch_part + (pid_b * n_parts + part_index) * 2 * BR * BR,
                    D, N, R, n_lo, n_hi, eps, inv_t, (k == 1) if UNROLLED else False,
                    k == steps + 1, UNROLLED, BLOCK_D, BLOCK_N, BR)
 
@@ -429,7 +546,7 @@ def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
 @triton.jit
 def _bases_grad_step(pid_b, k, steps, d_lo, d_hi, part_index, bases_hist, p_hist, h_hist,
                      db_carry, xdu_part, dg_part, n_parts, dp_hist, dh_part, n_dh, dbases,
-                     D, R, nB, nS, eps, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+                     scratch_part, D, R, nB, nS, eps, BLOCK_D: tl.constexpr, BR: tl.constexpr):
     """Item pointers and ring slots of reverse step ``k`` → bases_grad_pass."""
     DR = D * R
     bases_b = bases_hist + pid_b * nB * DR
@@ -442,8 +559,9 @@ def _bases_grad_step(pid_b, k, steps, d_lo, d_hi, part_index, bases_hist, p_hist
                     xdu_part + pid_b * n_parts * D * BR, dg_part + pid_b * n_parts * BR * BR,
                     n_parts, dp_hist + pid_b * nS * DR + km2 * DR,
                     dh_part + (pid_b * n_dh + part_index) * BR * BR,
-                    dbases + pid_b * DR, D, R, d_lo, d_hi, eps, k == 1, k <= steps,
-                    BLOCK_D, BR)
+                    dbases + pid_b * DR,
+                    scratch_part + (pid_b * n_dh + part_index) * 2 * BR * BR,
+                    D, R, d_lo, d_hi, eps, k == 1, k <= steps, BLOCK_D, BR)
 
 
 @triton.jit
@@ -462,23 +580,23 @@ def _dx_step(pid_b, n_lo, n_hi, steps, bases_hist, du_hist, dp_hist, coef_hist,
 @triton.jit(do_not_specialize=["steps"])
 def nmf_backward_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, p_hist, h_hist,
                         dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part, dg_part,
-                        dbases, dx_ptr, D, N, R, steps, nB, nC, nU, nDU, nS, eps, inv_t,
-                        UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        scratch_part, dbases, dx_ptr, D, N, R, steps, nB, nC, nU, nDU, nS, eps,
+                        inv_t, UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         BR: tl.constexpr):
     """Persistent backward: one program per item runs every reverse step, then dX."""
     pid_b = tl.program_id(0).to(tl.int64)
     n_rev = steps + 1 if UNROLLED else 1 + 0 * steps
-    for i in range(0, n_rev):
+    for i in tl.range(0, n_rev, disable_licm=True):
         k = steps + 1 - i
         _coef_grad_step(pid_b, k, steps, 0, N, 0, x_ptr, dy_ptr, bases_hist, coef_hist,
                         u_hist, dc_carry, dp_hist, dh_part, 1, du_hist, xdu_part, dg_part,
-                        D, N, R, nB, nC, nU, nDU, nS, 1, eps, inv_t, UNROLLED,
+                        scratch_part, D, N, R, nB, nC, nU, nDU, nS, 1, eps, inv_t, UNROLLED,
                         BLOCK_D, BLOCK_N, BR)
         tl.debug_barrier()
         if UNROLLED:
             _bases_grad_step(pid_b, k, steps, 0, D, 0, bases_hist, p_hist, h_hist, db_carry,
-                             xdu_part, dg_part, 1, dp_hist, dh_part, 1, dbases, D, R, nB, nS,
-                             eps, BLOCK_D, BR)
+                             xdu_part, dg_part, 1, dp_hist, dh_part, 1, dbases, scratch_part,
+                             D, R, nB, nS, eps, BLOCK_D, BR)
             tl.debug_barrier()
     _dx_step(pid_b, 0, N, steps, bases_hist, du_hist, dp_hist, coef_hist, dx_ptr,
              D, N, R, nB, nDU, nC, nS, UNROLLED, BLOCK_D, BLOCK_N, BR)
@@ -486,7 +604,7 @@ def nmf_backward_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, p_hist, h_
 
 @triton.jit(do_not_specialize=["k", "steps"])
 def nmf_coef_grad_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, dc_carry, dp_hist,
-                         dh_part, n_dh, du_hist, xdu_part, dg_part, k, steps,
+                         dh_part, n_dh, du_hist, xdu_part, dg_part, scratch_part, k, steps,
                          D, N, R, nB, nC, nU, nDU, nS, chunk, eps, inv_t,
                          UNROLLED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          BR: tl.constexpr):
@@ -496,13 +614,13 @@ def nmf_coef_grad_kernel(x_ptr, dy_ptr, bases_hist, coef_hist, u_hist, dc_carry,
     n_lo = pid_c * chunk
     _coef_grad_step(pid_b, k, steps, n_lo, tl.minimum(n_lo + chunk, N), pid_c, x_ptr,
                     dy_ptr, bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dh,
-                    du_hist, xdu_part, dg_part, D, N, R, nB, nC, nU, nDU, nS,
+                    du_hist, xdu_part, dg_part, scratch_part, D, N, R, nB, nC, nU, nDU, nS,
                     tl.num_programs(1), eps, inv_t, UNROLLED, BLOCK_D, BLOCK_N, BR)
 
 
 @triton.jit(do_not_specialize=["k", "steps"])
 def nmf_bases_grad_kernel(bases_hist, p_hist, h_hist, db_carry, xdu_part, dg_part, n_parts,
-                          dp_hist, dh_part, dbases, k, steps, D, R, nB, nS, eps,
+                          dp_hist, dh_part, dbases, scratch_part, k, steps, D, R, nB, nS, eps,
                           BLOCK_D: tl.constexpr, BR: tl.constexpr):
     """Split backward, bases pass of reverse step ``k``: grid (items, D blocks)."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -510,7 +628,7 @@ def nmf_bases_grad_kernel(bases_hist, p_hist, h_hist, db_carry, xdu_part, dg_par
     d_lo = pid_d * BLOCK_D
     _bases_grad_step(pid_b, k, steps, d_lo, tl.minimum(d_lo + BLOCK_D, D), pid_d, bases_hist,
                      p_hist, h_hist, db_carry, xdu_part, dg_part, n_parts, dp_hist, dh_part,
-                     tl.num_programs(1), dbases, D, R, nB, nS, eps, BLOCK_D, BR)
+                     tl.num_programs(1), dbases, scratch_part, D, R, nB, nS, eps, BLOCK_D, BR)
 
 
 @triton.jit(do_not_specialize=["steps"])
@@ -543,11 +661,24 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
 
 
 def _num_warps(BR: int) -> int:
-    return 4 if BR <= 32 else 8  # BR=64: the R×R Grams and N×R tiles need the registers
+    return 4 if BR <= 16 else 8
 
 
-# Largest padded rank the kernels take: with num_stages=1 the BR=128 backward needs ~131 KB of
-# shared memory (H100/A100 class); larger ranks run the reference (nmf/functional.py).
+def _launch_options(BR: int, R: int) -> dict:
+    """GPU launch options. Up to BR = 64 every kernel fits in 128 registers per thread (sm_90,
+    ptxas of triton 3.9: no spill even at 112 for R = 16, 32, 64), so the budget is pinned there
+    — 16 warps per SM at 4 or 8 warps — rather than left to ptxas, which on its own caps some
+    kernels at 64, 80 or 128 registers and spills a few bytes to fit more programs. R = 1 is
+    compiled as a constant and needs more (persistent backward ~150): left to ptxas, as is
+    BR = 128 (~200)."""
+    opts = dict(num_warps=_num_warps(BR), num_stages=1)
+    if BR <= 64 and R > 1:
+        opts["maxnreg"] = 128
+    return opts
+
+
+# Largest padded rank the kernels take (R×R scratch and partials grow as BR²); larger ranks run
+# the reference (nmf/functional.py).
 MAX_RANK = 128
 
 
@@ -564,13 +695,18 @@ def check_sizes(D: int, N: int, R: int) -> None:
 
 def block_sizes(D: int, N: int, R: int):
     """(BLOCK_D, BLOCK_N, BR). tl.dot needs every dim ≥ 16. The interpreter prefers big tiles
-    (fewer numpy calls); on a GPU the tiles are kept register-sized."""
-    BR = _pow2_clamp(R, 16, 1 << 30)
+    (fewer numpy calls); on a GPU the tiles are kept register-sized (``_gpu_block_sizes``)."""
     if _interpret():
-        return _pow2_clamp(D, 16, 256), _pow2_clamp(N, 16, 128), BR
+        return _pow2_clamp(D, 16, 256), _pow2_clamp(N, 16, 128), _pow2_clamp(R, 16, 1 << 30)
+    return _gpu_block_sizes(D, N, R)
+
+
+def _gpu_block_sizes(D: int, N: int, R: int):
+    BR = _pow2_clamp(R, 16, 1 << 30)
     if BR <= 32:
         return _pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 64), BR
-    return _pow2_clamp(D, 16, 32), _pow2_clamp(N, 16, 64), BR
+    # BR ≥ 64: a (BLOCK_N, BR) tile is 8 registers per thread at 8 warps
+    return _pow2_clamp(D, 16, 32), _pow2_clamp(N, 16, 32), BR
 
 
 def default_chunks(b: int, N: int, R: int, BLOCK_N: int, device: torch.device) -> int:
@@ -607,7 +743,7 @@ def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, in
     R = bases.shape[2]
     check_sizes(D, N, R)
     BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
-    nw = _num_warps(BR)
+    opts = _launch_options(BR, R)
     nB, nC, nU, nP = ring_sizes(steps, full_history)
     Y = _new((b, D, N), X)
     bases_hist = _new((b, nB, D, R), X)
@@ -625,21 +761,23 @@ def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, in
     chunk, n_chunks = _chunking(N, n_chunks, BLOCK_N)
     xc_part = _new((b, n_chunks, D, BR), X)
     cc_part = _new((b, n_chunks, BR, BR), X)
+    gram_part = _new((b, n_chunks, BR, BR), X)  # per program: G = BᵀB, read in row slices
     eps, inv_t = float(eps), float(inv_t)
     if n_chunks == 1:
         nmf_forward_kernel[(b,)](X, bases_hist, coef_hist, u_hist, p_arg, h_arg, xc_part,
-                                 cc_part, Y, D, N, R, steps, nB, nC, nU, nP_arg, eps, inv_t,
-                                 BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
+                                 cc_part, gram_part, Y, D, N, R, steps, nB, nC, nU, nP_arg, eps,
+                                 inv_t, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, **opts)
     else:
         n_dblocks = triton.cdiv(D, BLOCK_D)
         for j in range(steps + 1):
             nmf_coef_kernel[(b, n_chunks)](X, bases_hist, coef_hist, u_hist, xc_part, cc_part,
-                                           Y, j, steps, D, N, R, nB, nC, nU, chunk, eps, inv_t,
-                                           BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
+                                           gram_part, Y, j, steps, D, N, R, nB, nC, nU, chunk,
+                                           eps, inv_t, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR,
+                                           **opts)
             if j < steps:
                 nmf_bases_kernel[(b, n_dblocks)](bases_hist, xc_part, cc_part, p_arg, h_arg, j,
                                                  D, R, nB, nP_arg, n_chunks, eps,
-                                                 BLOCK_D=BLOCK_D, BR=BR, num_warps=nw, num_stages=1)
+                                                 BLOCK_D=BLOCK_D, BR=BR, **opts)
     return Y, bases_hist, coef_hist, u_hist, p_hist, h_hist
 
 
@@ -657,7 +795,7 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
         raise RuntimeError("nmf2d: the unrolled backward needs the forward's full history "
                            "(the forward ran without saving it)")
     BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
-    nw = _num_warps(BR)
+    opts = _launch_options(BR, R)
     dY = dY.contiguous().float()
     nDU = steps + 1 if unrolled else 1
     nS = max(steps, 1)
@@ -676,27 +814,30 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
     xdu_part = _new((b, n_chunks, D, BR), X)
     dg_part = _new((b, n_chunks, BR, BR), X)
     dh_part = _new((b, n_dblocks, BR, BR), X)
+    # per program (coef-grad pass: G, dH + dHᵀ; bases-grad pass: dG + dGᵀ), read in row slices;
+    # both passes index it by their own program, in separate launches or one after the other
+    scratch_part = _new((b, max(n_chunks, n_dblocks), 2, BR, BR), X)
     eps, inv_t = float(eps), float(inv_t)
     if n_chunks == 1:
         nmf_backward_kernel[(b,)](X, dY, bases_hist, coef_hist, u_hist, p_arg, h_arg,
                                   dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part,
-                                  dg_part, dbases, dx, D, N, R, steps, nB, nC, nU, nDU, nS,
-                                  eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
-                                  BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
+                                  dg_part, scratch_part, dbases, dx, D, N, R, steps, nB, nC, nU,
+                                  nDU, nS, eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
+                                  BLOCK_N=BLOCK_N, BR=BR, **opts)
     else:
         for i in range(steps + 1 if unrolled else 1):
             k = steps + 1 - i
             nmf_coef_grad_kernel[(b, n_chunks)](
                 X, dY, bases_hist, coef_hist, u_hist, dc_carry, dp_hist, dh_part, n_dblocks,
-                du_hist, xdu_part, dg_part, k, steps, D, N, R, nB, nC, nU, nDU, nS, chunk,
-                eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR,
-                num_warps=nw, num_stages=1)
+                du_hist, xdu_part, dg_part, scratch_part, k, steps, D, N, R, nB, nC, nU, nDU,
+                nS, chunk, eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+                BR=BR, **opts)
             if unrolled:
                 nmf_bases_grad_kernel[(b, n_dblocks)](
                     bases_hist, p_arg, h_arg, db_carry, xdu_part, dg_part, n_chunks, dp_hist,
-                    dh_part, dbases, k, steps, D, R, nB, nS, eps, BLOCK_D=BLOCK_D, BR=BR,
-                    num_warps=nw, num_stages=1)
+                    dh_part, dbases, scratch_part, k, steps, D, R, nB, nS, eps, BLOCK_D=BLOCK_D,
+                    BR=BR, **opts)
         nmf_dx_kernel[(b, triton.cdiv(N, BLOCK_N))](
             bases_hist, du_hist, dp_hist, coef_hist, dx, steps, D, N, R, nB, nDU, nC, nS,
-            UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, num_warps=nw, num_stages=1)
+            UNROLLED=unrolled, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, BR=BR, **opts)
     return dx, (dbases if unrolled else None)
