@@ -66,21 +66,22 @@ All dots accumulate in float32 with ``input_precision="ieee"``; eps stays float3
 stores are masked for any D, N, R ≥ 1; R is padded to ``BR`` = max(16, next_pow2(R)) in
 registers (padded columns of B and C are exact zeros, the softmax masks them with -inf).
 
-Registers (sm_90, no spills up to BR = 128): an ieee float32 ``tl.dot`` runs on the FMA units
-with both operands staged through shared memory, and ptxas loads a thread's whole share of them
-into registers before the FMAs — K·(rows + columns of the thread's output block), 512 values
-for a 64×64×64 dot at 8 warps. So no contraction over the rank is one dot: each goes in K slices
-of ``KC`` = 16 loaded from memory (G, dH + dHᵀ, dG + dGᵀ from a per-program scratch, dV and dW
-from the carry rows they replace, U and C from their buffers), in loops kept rolled, and every
-R×R result (G, CᵀC, dG, dH, their sums) is produced in 16-row slices rather than held whole. No
-tile lives across a loop it is not used in (U and C go through memory between phases), C_0
-reaches the first update through memory (a register C_0 feeding a dot gets rematerialised in
-the dot-operand layout: the whole K row per thread), and loop-invariant address math is not
-hoisted (``disable_licm``: one pointer per element per tile would otherwise stay live).
-GPU tiles (``_gpu_block_sizes``): BLOCK_D × BLOCK_N = 64×64 for BR ≤ 32 (4 warps at BR = 16, 8
-at 32), 32×32 at 8 warps for BR = 64 and 128 — an N×R or D×R tile is then 8 registers per
-thread at BR = 64. Up to BR = 64 every kernel fits in 128 registers (no spill even at 112),
-pinned with ``maxnreg`` (``_launch_options``): 16 warps per SM. At BR = 128 up to ~200: 8 warps.
+Registers (sm_90: no spills in any kernel as launched, up to BR = 128). An ieee float32
+``tl.dot`` runs on the FMA units with both operands staged through shared memory, and ptxas
+loads a thread's whole share of them into registers before the FMAs: K·(rows + columns of the
+thread's output block), 512 values for a 64×64×64 dot at 8 warps. So no contraction over the
+rank is one dot: each runs in K slices of ``KC`` = 16 loaded from memory (G, dH + dHᵀ, dG + dGᵀ
+from a per-program scratch, dV and dW from the carry rows they replace, U and C from their
+buffers), in loops kept rolled, and every R×R result (G, CᵀC, dG, dH, their sums) is built in
+16-row slices rather than held whole. No tile lives across a loop it is not used in (U and C go
+through memory between phases); C_0 reaches the first update through memory (a register C_0
+feeding a dot gets rematerialised in the dot-operand layout: the whole K row per thread); and
+loop-invariant address math is not hoisted (``disable_licm``: a pointer per element per tile
+would stay live). GPU tiles (``_gpu_block_sizes``): BLOCK_D × BLOCK_N = 64×64 for BR ≤ 32 (4
+warps at BR = 16, 8 at 32), 32×32 at 8 warps for BR = 64 and 128, where an N×R or D×R tile is
+8 registers per thread at BR = 64. Up to BR = 64 every kernel fits in 128 registers (no spill
+even at 112; R = 1, a compile-time constant, 168), pinned with ``maxnreg`` (``_launch_options``):
+16 warps per SM. BR = 128 takes up to ~200: 8 warps per SM.
 
 Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
@@ -243,9 +244,9 @@ def coef_pass(x_ptr, bases_ptr, coef_in_ptr, coef_out_ptr, coef0_ptr, u_ptr, xc_
             _store_tile(cc_part_ptr, cc, r0, BR, BR, BR, KC, BR)
         for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             xc = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
-            for n0 in tl.range(n_lo, n_hi, KC, disable_licm=True):
-                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
-                c = _load_tile(coef_out_ptr, n0, n_hi, R, R, KC, BR)
+            for n0 in tl.range(n_lo, n_hi, KR, disable_licm=True):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KR)
+                c = _load_tile(coef_out_ptr, n0, n_hi, R, R, KR, BR)
                 xc += tl.dot(x, c, input_precision="ieee")
             _store_tile(xc_part_ptr, xc, d0, D, BR, BR, BLOCK_D, BR)
 
@@ -427,13 +428,13 @@ def coef_grad_pass(x_ptr, dy_ptr, b_prev_ptr, c_prev_ptr, c_cur_ptr, u_prev_ptr,
             _store_tile(dg_part_ptr, dg, r0, BR, BR, BR, KC, BR)
         for d0 in tl.range(0, D, BLOCK_D, disable_licm=True):
             xdu = tl.zeros((BLOCK_D, BR), dtype=tl.float32)
-            for n0 in tl.range(n_lo, n_hi, KC, disable_licm=True):
-                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
-                xdu += tl.dot(x, _load_tile(du_ptr, n0, n_hi, R, R, KC, BR),
+            for n0 in tl.range(n_lo, n_hi, KR, disable_licm=True):
+                x = _load_x(x_ptr, d0, n0, D, n_hi, N, BLOCK_D, KR)
+                xdu += tl.dot(x, _load_tile(du_ptr, n0, n_hi, R, R, KR, BR),
                               input_precision="ieee")
                 if last:  # Y = B_K C_{K+1}ᵀ → dB_K += dY C_{K+1}
-                    dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, KC)
-                    xdu += tl.dot(dy, _load_tile(c_cur_ptr, n0, n_hi, R, R, KC, BR),
+                    dy = _load_x(dy_ptr, d0, n0, D, n_hi, N, BLOCK_D, KR)
+                    xdu += tl.dot(dy, _load_tile(c_cur_ptr, n0, n_hi, R, R, KR, BR),
                                   input_precision="ieee")
             _store_tile(xdu_part_ptr, xdu, d0, D, BR, BR, BLOCK_D, BR)
 
@@ -665,20 +666,20 @@ def _num_warps(BR: int) -> int:
 
 
 def _launch_options(BR: int, R: int) -> dict:
-    """GPU launch options. Up to BR = 64 every kernel fits in 128 registers per thread (sm_90,
-    ptxas of triton 3.9: no spill even at 112 for R = 16, 32, 64), so the budget is pinned there
-    — 16 warps per SM at 4 or 8 warps — rather than left to ptxas, which on its own caps some
-    kernels at 64, 80 or 128 registers and spills a few bytes to fit more programs. R = 1 is
-    compiled as a constant and needs more (persistent backward ~150): left to ptxas, as is
-    BR = 128 (~200)."""
+    """GPU launch options, with the register budget pinned (``maxnreg``) rather than left to
+    ptxas, which on its own caps some kernels at 64, 80 or 128 registers and spills a few bytes
+    to fit more programs. Up to BR = 64 every kernel fits in 128 registers (sm_90, ptxas of
+    triton 3.9: no spill even at 112 for R = 16, 32, 64): 16 warps per SM at 4 or 8 warps. R = 1
+    is compiled as a constant and takes up to ~150 (168: 12 warps per SM). BR = 128 takes ~200
+    and is left to ptxas (8 warps per SM)."""
     opts = dict(num_warps=_num_warps(BR), num_stages=1)
-    if BR <= 64 and R > 1:
-        opts["maxnreg"] = 128
+    if BR <= 64:
+        opts["maxnreg"] = 128 if R > 1 else 168
     return opts
 
 
-# Largest padded rank the kernels take (R×R scratch and partials grow as BR²); larger ranks run
-# the reference (nmf/functional.py).
+# Largest padded rank the kernels are tuned and checked for (sm_90: BR = 128 in ~200 registers,
+# ≤ 32 KB of shared memory, no spills); larger ranks run the reference (nmf/functional.py).
 MAX_RANK = 128
 
 
