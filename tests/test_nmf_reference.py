@@ -142,13 +142,34 @@ def test_rejects_channels_not_divisible_by_S():
         sk.nmf2d(torch.rand(1, 10, 4, 4), R=2, steps=1, S=3)
 
 
-def test_rejects_negative_input():
-    with pytest.raises(ValueError, match="x must be non-negative"):
-        sk.nmf2d(torch.randn(1, 8, 4, 4), R=2, steps=1)
+def _with_value(t, value):
+    t = t.clone()
+    t.view(-1)[5] = value
+    return t
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_rejects_bad_values_when_checking_inputs(monkeypatch, value):
+    """SEGNEXT_CHECK_INPUTS=1: x and given bases must be non-negative and finite."""
+    monkeypatch.setenv("SEGNEXT_CHECK_INPUTS", "1")
     x = torch.rand(1, 8, 4, 4)
-    x[0, 3, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match="not NaN"):
-        sk.nmf2d(x, R=2, steps=1)
+    with pytest.raises(ValueError, match="x must be non-negative and finite"):
+        sk.nmf2d(_with_value(x, value), R=2, steps=1)
+    bases = torch.rand(1, 8, 2)
+    with pytest.raises(ValueError, match="bases must be non-negative and finite"):
+        sk.nmf2d(x, R=2, steps=1, bases=_with_value(bases, value))
+    sk.nmf2d(x, R=2, steps=1, bases=bases)  # good values pass
+
+
+def test_values_are_not_checked_by_default(monkeypatch):
+    """Without the debug flag no value is read back (no host sync): NaN in gives NaN out, as in
+    mmseg's NMF2D, and negative input is decomposed without complaint."""
+    monkeypatch.delenv("SEGNEXT_CHECK_INPUTS", raising=False)
+    x = torch.rand(2, 8, 4, 4)
+    x[1, 3, 1, 1] = float("nan")
+    y = sk.nmf2d(x, R=2, steps=2, backend="reference")
+    assert torch.isnan(y[1]).any() and torch.isfinite(y[0]).all()  # samples are independent
+    assert torch.isfinite(sk.nmf2d(torch.randn(1, 8, 4, 4), R=2, steps=1)).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second generator device (CUDA)")

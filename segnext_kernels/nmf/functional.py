@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _env, backends
 from .._validate import check_tensor
 from .reference import GRAD_MODES, draw_bases, nmf_decompose_ref
 
@@ -25,12 +25,15 @@ def _check_float(name: str, v, positive: bool) -> float:
     return float(v)
 
 
-def _should_check_values(x: Tensor) -> bool:
-    """The value check costs one reduction and, on a GPU, one sync: skipped where it cannot run
-    (torch.compile tracing, CUDA-graph capture)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+def _check_values(name: str, t: Tensor) -> None:
+    """SEGNEXT_CHECK_INPUTS=1 only: a value check reads the tensor back to the host, which waits
+    for the GPU on every call (and cannot run under torch.compile or CUDA-graph capture)."""
+    if not _env.check_inputs() or torch.compiler.is_compiling() or \
+            (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if not bool(((t >= 0) & torch.isfinite(t)).all()):  # NaN fails both
+        raise ValueError(f"{name} must be non-negative and finite (SEGNEXT_CHECK_INPUTS=1); "
+                         "got negative, NaN or infinite entries")
 
 
 def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = None,
@@ -44,6 +47,11 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
     every iteration, as the official checkpoints were trained) or ``"one_step"`` (only the last
     coef update and the reconstruction carry gradient). Computes in float32 (float64 for float64
     input), also under autocast; returns ``x``'s dtype.
+
+    Values are not checked, as in torch ops (a check would wait for the GPU on every call): NaN
+    in ``x`` or ``bases`` gives NaN out, as in mmseg's NMF2D; negative entries give a meaningless
+    decomposition. ``SEGNEXT_CHECK_INPUTS=1`` refuses negative, NaN and infinite entries of ``x``
+    and ``bases``.
     """
     check_tensor("x", x, dim=4)
     _check_int("R", R, 1)
@@ -59,9 +67,7 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     D, N = C // S, H * W
-    if _should_check_values(x) and not bool((x >= 0).all()):  # also catches NaN
-        raise ValueError("x must be non-negative and not NaN (NMF of a ReLU output); "
-                         "got negative or NaN entries")
+    _check_values("x", x)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
                          "the bases are drawn on x's device")
@@ -78,6 +84,7 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
                                  f"got {tuple(bases.shape)}")
             if bases.device != x.device:
                 raise ValueError(f"bases is on {bases.device} but x is on {x.device}")
+            _check_values("bases", bases)
             bases = bases.to(cdtype)
         name = backends.resolve("nmf2d", x.device) if backend is None else backend
         too_big = name == "triton" and R > _triton_max_rank()
