@@ -216,8 +216,8 @@ def test_segnext_training_step_reads_nothing_back(backend):
     """The whole model: MSCAN-T blocks, the Hamburger head, the loss."""
     from segnext import segnext_t
     model = segnext_t(num_classes=5)
-    img = torch.randn(1, 3, 32, 32)
-    target = torch.randint(0, 5, (1, 4, 4))
+    img = torch.randn(2, 3, 32, 32)
+    target = torch.randint(0, 5, (2, 4, 4))
 
     def step():
         model.zero_grad()
