@@ -7,7 +7,8 @@ it is found by asking the target interpreter (sys.executable) with the isolation
 Environment switches:
   SEGNEXT_CUDA=0|1          skip / force the CUDA kernels (default: build them when torch is a
                             CUDA build, nvcc is found, and a GPU is visible or an arch list is set)
-  TORCH_CUDA_ARCH_LIST      e.g. "8.0;9.0" (needed to build CUDA without a GPU)
+  TORCH_CUDA_ARCH_LIST      e.g. "8.0;9.0+PTX" (as PyTorch reads it: binaries for 8.0 and 9.0, PTX
+                            for 9.0); without it the build targets the visible GPUs (binary + PTX)
   SEGNEXT_NATIVE=0          do not tune the CPU kernels with -march=native
   CMAKE_BUILD_TYPE          Release (default) or Debug
 """
@@ -67,13 +68,17 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def cuda_archs_from_list(arch_list: str) -> str:
-    archs = []
-    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        item = item.strip().replace("+PTX", "")
-        if item:
-            archs.append(item.replace(".", ""))
-    return ";".join(dict.fromkeys(archs))
+def _load_cuda_archs():
+    """segnext_kernels/_cuda_archs.py by path: the package itself imports torch."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_segnext_cuda_archs", os.path.join(ROOT, "segnext_kernels", "_cuda_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_archs = _load_cuda_archs()
 
 
 def decide_cuda(torch_info: dict) -> tuple[bool, str, str]:
@@ -88,9 +93,10 @@ def decide_cuda(torch_info: dict) -> tuple[bool, str, str]:
         return False, "", "nvcc not found (set CUDA_HOME)"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if arch_list:
-        return True, cuda_archs_from_list(arch_list), f"TORCH_CUDA_ARCH_LIST={arch_list}, nvcc {nvcc}"
-    if torch_info["gpus"]:
-        return True, ";".join(dict.fromkeys(torch_info["gpus"])), f"visible GPUs, nvcc {nvcc}"
+        return True, cuda_archs.from_torch_arch_list(arch_list), f"TORCH_CUDA_ARCH_LIST={arch_list}, nvcc {nvcc}"
+    if torch_info["gpus"]:  # the visible GPUs' own architectures (binary + PTX)
+        return True, ";".join(dict.fromkeys(torch_info["gpus"])), \
+            f"the visible GPUs (no TORCH_CUDA_ARCH_LIST), nvcc {nvcc}"
     if switch == "1":
         return True, "80;90", f"forced (SEGNEXT_CUDA=1) without a GPU: default archs, nvcc {nvcc}"
     return False, "", "no GPU visible and no TORCH_CUDA_ARCH_LIST (set it, or SEGNEXT_CUDA=1)"
@@ -111,11 +117,13 @@ class CMakeBuild(build_ext):
             return
         log(f"torch {torch_info['version']} at {torch_info['root']} (found in the {torch_info['found_in']})")
         with_cuda, archs, why = decide_cuda(torch_info)
-        log(f"CUDA kernels: {'yes' if with_cuda else 'no'} — {why}" + (f"; archs {archs}" if archs else ""))
+        log(f"CUDA kernels: {'yes' if with_cuda else 'no'} — {why}" +
+            (f"; {cuda_archs.describe(archs)}" if archs else ""))
         native = os.environ.get("SEGNEXT_NATIVE", "1") != "0"
         log(f"CPU kernels: yes (-O3{' -march=native' if native else ''})")
 
         extdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        built = f"CUDA kernels ({cuda_archs.describe(archs)}) and CPU kernels" if with_cuda else "CPU kernels"
         try:
             self._cmake(torch_info, extdir, with_cuda, archs, native)
         except subprocess.CalledProcessError:
@@ -125,7 +133,8 @@ class CMakeBuild(build_ext):
             log("the CUDA build failed (see above): building the CPU kernels only; "
                 "set SEGNEXT_CUDA=0 to skip CUDA from the start")
             self._cmake(torch_info, extdir, False, "", native)
-        log(f"built {ext.name} into {extdir}")
+            built = "CPU kernels only (the CUDA build failed)"
+        log(f"built {ext.name} into {extdir}: {built}")
 
     def _cmake(self, torch_info: dict, extdir: str, with_cuda: bool, archs: str, native: bool) -> None:
         import pybind11

@@ -8,7 +8,7 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__, _extension
+    from . import __version__, _cuda_archs, _extension
     from .backends import available_backends, get_backend, op_backends
 
     try:
@@ -16,6 +16,10 @@ def collect() -> dict:
         triton_version = triton.__version__
     except Exception as exc:  # triton is optional
         triton_version = f"not importable ({type(exc).__name__})"
+    ext = _extension.build_info() if _extension.available() else {}
+    arch_check = None
+    if ext.get("with_cuda") and torch.cuda.is_available():
+        arch_check = _cuda_archs.coverage(ext.get("cuda_archs", ""), torch.cuda.get_device_capability())
     return {
         "segnext_kernels": __version__,
         "python": sys.version.split()[0],
@@ -28,6 +32,7 @@ def collect() -> dict:
         "extension": (_extension.build_info() if _extension.available()
                       else {"loaded": False, "why": _extension.load_error(),
                             "fix": _extension.REBUILD_HINT}),
+        "cuda_arch_check": arch_check,
         "backends": {k: v._asdict() for k, v in available_backends().items()},
         "selected_backend": get_backend(),
         "op_backends": op_backends(),
@@ -35,6 +40,8 @@ def collect() -> dict:
 
 
 def main() -> None:
+    from . import _cuda_archs
+
     info = collect()
     print("segnext-kernels", info["segnext_kernels"])
     for key in ("python", "platform", "torch", "torch_cuda", "triton", "cuda_device", "threads"):
@@ -42,6 +49,11 @@ def main() -> None:
     print("compiled extension segnext_kernels._C:")
     for k, v in info["extension"].items():
         print(f"  {k:<14} {v}")
+    if info["extension"].get("with_cuda"):
+        print(f"  {'cuda code':<14} {_cuda_archs.describe(info['extension'].get('cuda_archs', ''))}")
+    if info["cuda_arch_check"] is not None:
+        verdict, why = info["cuda_arch_check"]
+        print(f"  {'this GPU':<14} {'WARNING: ' if verdict != 'sass' else ''}{why}")
     print(f"backends (selected: {info['selected_backend']}):")
     for name, st in info["backends"].items():
         mark = "available  " if st["available"] else "unavailable"
