@@ -99,3 +99,16 @@ def test_half_and_bfloat16_conversions_match_torch(selftest, tmp_path):
     finite = ~torch.isnan(all_halves)
     assert torch.equal(back[finite], all_halves[finite]), "half -> float differs from torch"
     assert torch.isnan(back[~finite]).all()
+
+
+def test_selftest_kernels_are_real_cuda(tmp_path):
+    """The scenarios compile with nvcc too, warning-free (compile-only; skipped without nvcc)."""
+    from test_msca_cuda import find_nvcc
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    proc = subprocess.run([nvcc, "-std=c++17", "-O2", "-arch=sm_80", "-Xcompiler", "-Wall", "-c",
+                           str(harness.HERE / "selftest_kernels.cu"), "-o", str(tmp_path / "s.o")],
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "warning" not in log.lower(), log

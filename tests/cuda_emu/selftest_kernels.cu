@@ -1,6 +1,7 @@
 // Test kernels of the CUDA emulation harness itself (tests/test_cuda_emu.py): each scenario
 // either checks a built-in's semantics (and prints PASS/FAIL) or plants one kind of bug that
 // the checker must report. Written as ordinary CUDA; the harness translates it like any .cu.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -325,20 +326,12 @@ int selftest_convert(const char* in_path, const char* out_path) {
   std::fclose(f);
   std::vector<uint16_t> out;
   for (float xv : x) {
-    const __half h = __float2half_rn(xv);
-    const __nv_bfloat16 b = __float2bfloat16_rn(xv);
-    uint16_t hb, bb;
-    std::memcpy(&hb, &h, 2);
-    std::memcpy(&bb, &b, 2);
-    out.push_back(hb);
-    out.push_back(bb);
+    out.push_back(__half_as_ushort(__float2half_rn(xv)));
+    out.push_back(__bfloat16_as_ushort(__float2bfloat16_rn(xv)));
   }
   // every half pattern back to float and to half again
   for (uint32_t bits = 0; bits < 65536; ++bits) {
-    __half h;
-    const uint16_t b16 = static_cast<uint16_t>(bits);
-    std::memcpy(&h, &b16, 2);
-    const float fv = __half2float(h);
+    const float fv = __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
     uint32_t fb;
     std::memcpy(&fb, &fv, 4);
     out.push_back(static_cast<uint16_t>(fb & 0xffffu));
