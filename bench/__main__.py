@@ -37,8 +37,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="storage dtype of the conv levels (default: float16 on CUDA, float32 on "
                         "CPU); half dtypes run the block and model levels under autocast")
     p.add_argument("--filter", default=None,
-                   help="regex (or substring) matched against 'level/pass/variant/layout', "
-                        "e.g. 'strip', 'fused', 'msca/fwd\\+bwd'")
+                   help="regex (or substring) matched against 'level/pass/variant/layout/shape', "
+                        "e.g. 'strip', 'fused', 'msca/fwd\\+bwd', 'model/train/.*/cl/SegNeXt-T'")
     p.add_argument("--levels", default=None,
                    help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
     p.add_argument("--out", default=None, metavar="DIR",

@@ -135,11 +135,16 @@ def short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:300]
 
 
+def filter_key(case: Case, variant: Variant) -> str:
+    """What --filter matches: 'level/pass/variant/layout/shape', e.g.
+    'model/train/fused:cuda/cl/SegNeXt-T B16 512x512'."""
+    return f"{case.level}/{case.pass_}/{variant.name}/{variant.layout}/{case.shape}"
+
+
 def selected(cfg: Config, case: Case, variant: Variant) -> bool:
     if cfg.filter is None:
         return True
-    key = f"{case.level}/{case.pass_}/{variant.name}/{variant.layout}"
-    return bool(cfg.filter.search(key))
+    return bool(cfg.filter.search(filter_key(case, variant)))
 
 
 def compile_filter(text: Optional[str]) -> Optional[re.Pattern]:
