@@ -264,7 +264,7 @@ def test_functional_wrappers_compile_fullgraph(case):
 # Source scan
 # ------------------------------------------------------------------------------------------------
 VALUE_READ = re.compile(r"\.item\(|\.tolist\(|\.numpy\(|\.cpu\(|nonzero|torch\.equal\(|\.unique\(|"
-                        r"bool\(\(|\.all\(\)\)|\.any\(\)\)|masked_select")
+                        r"bool\(\(|\.all\(\)\)|\.any\(\)\)|masked_select|synchronize\(")
 # (file, text of the line) that may read values: each with why
 ALLOWED = {
     # behind SEGNEXT_CHECK_INPUTS=1 (off by default), skipped under compile/graph capture
@@ -272,7 +272,16 @@ ALLOWED = {
 }
 
 
+CXX_SYNC = re.compile(r"\.item<|\.item\(\)|cudaDeviceSynchronize|cudaStreamSynchronize|"
+                      r"cudaMemcpy\(|\.cpu\(\)|synchronize\(")
+
+
 def test_source_scan_finds_no_new_value_reads():
+    # C++/CUDA: no value read or synchronisation in the kernels and their glue
+    cxx = [(p.relative_to(ROOT).as_posix(), line.strip()) for p in sorted((ROOT / "csrc").rglob("*"))
+           if p.suffix in (".cpp", ".cu", ".cuh", ".h") for line in p.read_text().splitlines()
+           if CXX_SYNC.search(line.split("//", 1)[0])]
+    assert not cxx, f"host syncs in csrc/: {cxx}"
     found = set()
     for path in sorted((ROOT / "segnext_kernels").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
