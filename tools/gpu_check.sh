@@ -10,21 +10,22 @@
 # next one. OUTDIR/summary.{json,txt} are written at the end.
 #
 #   stage               what                                               min/max s  here*  GPU est.
-#   env                 nvidia-smi, versions, git commit -> env.json           5/20       2       3
-#   build               pip install -e . for this GPU's arch only, all cores  60/150     130      60-90
+#   env                 nvidia-smi, versions, git commit -> env.json           5/20       6       3
+#   build               pip install -e . for this GPU's arch only, all cores  60/150    134      60-90
 #                       (TORCH_CUDA_ARCH_LIST from nvidia-smi), then segnext_kernels.info
-#   selftest            python -m segnext_kernels.selftest ("absent" if the   10/40       1      5-20
+#   selftest            python -m segnext_kernels.selftest ("absent" if the   10/40      11      5-20
 #                       module does not exist yet)
-#   gpu-tests           pytest -m gpu -v on the CUDA/Triton test files        40/150      25      60-150
+#   gpu-tests           pytest -m gpu -v --maxfail=10 (not -x: each GPU run   40/150     13      60-150
+#                       is precious) on the CUDA/Triton test files
 #   sanitize-memcheck   compute-sanitizer memcheck, tools/sanitize_msca.py    25/60       0      20-40
 #   sanitize-racecheck  compute-sanitizer racecheck, same driver              25/60       0      20-50
-#   bench-fp16          MSCA fwd / fwd+bwd (B16 C64 128^2, C320 32^2,          60/150      45      70-110
+#   bench-fp16          MSCA fwd / fwd+bwd (B16 C64 128^2, C320 32^2,          60/150    121      70-110
 #                       channels_last), NMF2D T and B heads, SegNeXt-T train
 #                       step and its peak memory; float16, no compile
-#   bench-bf16          the MSCA cases in bfloat16                            20/45       20      20-30
-#   bench-compile       torch.compile baselines: MSCA fwd, NMF2D T fwd         30/90       85      40-90
-#   * measured on the 2-core CPU dev machine (no GPU: GPU stages skip, bench runs --smoke sizes);
-#     docs/gpu_check.md has the details.
+#   bench-bf16          the MSCA cases in bfloat16                            20/45      13      20-30
+#   bench-compile       torch.compile baselines: MSCA fwd, NMF2D T fwd         30/90      44      40-90
+#   * one run on the 2-core AMD EPYC dev machine at load average 11, no GPU: GPU stages skip
+#     (gpu-tests: all skipped), the bench runs --smoke sizes; 342 s in all. docs/gpu_check.md.
 #
 # Time: the whole script stays within GPU_CHECK_BUDGET seconds (default 450, i.e. 7.5 min): a
 # stage gets min(its max, what is left after reserving the later stages' minimums). Force a
