@@ -7,9 +7,11 @@ the emulation runtime, keeping every line number. The kernel translation unit is
 GCC's ThreadSanitizer instrumentation (-fsanitize=thread) but linked against our own hooks
 (cuda_emu_runtime.cpp), which bounds-check and race-check every shared and device memory access.
 
-``build_msca`` returns the path of the ``msca_emu`` executable (cached under build/cuda_emu/ by a
-hash of everything that goes into it); ``run_msca`` runs one forward or backward case in a
-subprocess (a kernel that crashes or hangs cannot take the test process with it).
+``build_executable`` links a driver (``msca_emu_main.cpp``, ``selftest_main.cpp``) with an emulated
+.cu and caches the result under build/cuda_emu/ by a hash of everything that goes into it;
+``build_msca`` is that for csrc/cuda/msca_cuda.cu (optionally mutated, for the planted-bug tests).
+``run_msca`` runs one forward or backward case in a subprocess (a kernel that crashes or hangs
+cannot take the test process with it).
 """
 from __future__ import annotations
 
