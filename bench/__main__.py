@@ -53,6 +53,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "(default 120)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shapes", choices=("default", "segnext"), default="default",
+                   help="op shapes of the msca, mlp and block levels: the default few, or "
+                        "'segnext': every stage of SegNeXt-T, -S and -B at 512x512, batch 1")
     p.add_argument("--list", action="store_true", help="list the cases and variants, run nothing")
     return p.parse_args(argv)
 
@@ -81,7 +84,7 @@ def make_config(args: argparse.Namespace) -> Config:
                   compile=compile_default if args.compile is None else args.compile,
                   compile_budget_s=120.0 if args.compile_budget is None else args.compile_budget,
                   levels=levels, filter=compile_filter(args.filter),
-                  interpret=env_flag("TRITON_INTERPRET"))
+                  interpret=env_flag("TRITON_INTERPRET"), op_shapes=args.shapes)
 
 
 def build_cases(cfg: Config):

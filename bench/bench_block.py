@@ -15,12 +15,14 @@ import torch
 
 from . import roofline
 from .common import (amp_dtype_name, autocast_ctx, cycle, fused_variants, n_rotations,
-                     primary_layout, to_layout)
+                     primary_layout, segnext_stage_shapes, to_layout)
 from .runner import Case, Config, Variant
 
 
 def shapes(cfg: Config) -> List[Tuple[int, int, int, int, int]]:
     """(B, C, H, W, mlp_ratio) of MSCAN stages at 512x512 input."""
+    if cfg.op_shapes == "segnext":
+        return segnext_stage_shapes()
     if cfg.size == "smoke":
         return [(1, 8, 16, 16, 4)]
     if cfg.cuda:

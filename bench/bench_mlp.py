@@ -15,12 +15,15 @@ from typing import List, Tuple
 import torch
 
 from . import roofline
-from .common import cycle, fused_variants, n_rotations, primary_layout, to_layout
+from .common import (cycle, fused_variants, n_rotations, primary_layout, segnext_stage_shapes,
+                     to_layout)
 from .runner import Case, Config, Variant
 
 
 def shapes(cfg: Config) -> List[Tuple[int, int, int, int, int]]:
     """(B, C, H, W, mlp_ratio): MSCAN stages at 512x512 input (hidden = C * mlp_ratio)."""
+    if cfg.op_shapes == "segnext":
+        return segnext_stage_shapes()
     if cfg.size == "smoke":
         return [(1, 8, 16, 16, 4)]
     if cfg.cuda:

@@ -15,11 +15,14 @@ from typing import List, Tuple
 import torch
 
 from . import roofline
-from .common import (SavedBytes, cycle, fused_variants, n_rotations, primary_layout, to_layout)
+from .common import (SavedBytes, cycle, fused_variants, n_rotations, primary_layout,
+                     segnext_stage_shapes, to_layout)
 from .runner import Case, Config, Variant
 
 
 def shapes(cfg: Config) -> List[Tuple[int, int, int, int]]:
+    if cfg.op_shapes == "segnext":
+        return [dims[:4] for dims in segnext_stage_shapes()]
     if cfg.size == "smoke":
         return [(1, 8, 16, 16)]
     if cfg.cuda:

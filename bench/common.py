@@ -12,6 +12,24 @@ from .runner import Config, Variant
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
+# (embed dims, MLP ratios) of the MSCAN stages; S and B share theirs (they differ in depth).
+_MSCAN_STAGES = {"t": ((32, 64, 160, 256), (8, 8, 4, 4)),
+                 "s": ((64, 128, 320, 512), (8, 8, 4, 4)),
+                 "b": ((64, 128, 320, 512), (8, 8, 4, 4))}
+
+
+def segnext_stage_shapes(models: str = "tsb", image: int = 512) -> List[Tuple[int, int, int, int, int]]:
+    """(B, C, H, W, mlp_ratio) of every MSCAN stage of ``models`` for a B1 ``image``² input."""
+    out = []
+    for m in models:
+        dims, ratios = _MSCAN_STAGES[m]
+        for i, (C, r) in enumerate(zip(dims, ratios)):
+            side = image // (4 << i)
+            if (1, C, side, side, r) not in out:
+                out.append((1, C, side, side, r))
+    return out
+
+
 def primary_layout(cfg: Config) -> str:
     """The layout of the compile variants: channels_last, the faster eager layout on both
     cuDNN and oneDNN for these depthwise convs (performance notes §2, CPU section)."""
@@ -68,14 +86,19 @@ def fused_backends(op: str, cfg: Config) -> Tuple[List[Tuple[str, Optional[str]]
 
 def fused_variants(op: str, cfg: Config, layouts: Iterable[str], make_for: Callable,
                    graph: bool = True) -> Tuple[List[Variant], List[str]]:
-    """One variant per fused backend of ``op`` and layout; ``make_for(backend, layout)`` gives
-    the variant's ``make``."""
+    """One variant per fused backend of ``op`` and layout, and ``auto`` (what the op picks by
+    itself) per layout; ``make_for(backend, layout)`` gives the variant's ``make``."""
     backends, notes = fused_backends(op, cfg)
+    layouts = list(layouts)
     variants = []
     for b, skip in backends:
         for layout in layouts:
             variants.append(Variant(f"fused:{b}", layout, b, make=make_for(b, layout),
                                     skip=skip, graph=graph))
+    if any(skip is None for _, skip in backends):
+        for layout in layouts:
+            variants.append(Variant("auto", layout, "auto", make=make_for("auto", layout),
+                                    graph=graph))
     return variants, notes
 
 

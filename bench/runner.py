@@ -35,6 +35,7 @@ class Config:
     levels: tuple = LEVELS
     filter: Optional[re.Pattern] = None
     interpret: bool = False            # TRITON_INTERPRET=1 in the environment
+    op_shapes: str = "default"         # "segnext": every op shape of SegNeXt-T/S/B at 512x512
 
     @property
     def cuda(self) -> bool:

@@ -8,6 +8,12 @@
 
 #include "build_config.h"
 
+#if SEGNEXT_WITH_CUDA
+#include <algorithm>
+
+#include "cuda/msca_cuda.cuh"
+#endif
+
 TORCH_LIBRARY(segnext, m) {
   // Depthwise 1xk / kx1 convolution with bias, 'same' zero padding.
   m.def("strip_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -40,6 +46,13 @@ PYBIND11_MODULE(_C, m) {
     info["compiler"] = std::string(SEGNEXT_COMPILER);
     info["cxx_flags"] = std::string(SEGNEXT_CXX_FLAGS);
     info["build_type"] = std::string(SEGNEXT_BUILD_TYPE);
+#if SEGNEXT_WITH_CUDA
+    // The most shared memory per block the CUDA MSCA kernels ask for, over the dtypes.
+    namespace mc = segnext::msca_cuda;
+    info["cuda_smem_bytes"] = std::max({mc::max_shared_memory_bytes(mc::DType::kFloat32),
+                                        mc::max_shared_memory_bytes(mc::DType::kFloat16),
+                                        mc::max_shared_memory_bytes(mc::DType::kBFloat16)});
+#endif
 #ifdef _OPENMP
     info["openmp"] = true;
 #else

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnext_kernels import MSCA, backends, mlp
+from segnext_kernels import MSCA, mlp
+from segnext_kernels.dispatch import Problem, layout_of, select
 from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
 NormLayer = Callable[[int], nn.Module]
@@ -171,7 +172,9 @@ class Block(nn.Module):
         if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.running_mean is not None
                    and n.running_var is not None for n in (self.norm1, self.norm2)):
             return False
-        return backends.resolve("mlp", x.device) != "reference"
+        # Folding pays off with the fused MSCA (the block then has no other elementwise pass).
+        return select(Problem("msca", x.device, x.dtype, layout_of(x), tuple(x.shape), False)) \
+            != "reference"
 
     def _folded_weights(self):
         attn, mlp_ = self.attn, self.mlp

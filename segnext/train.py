@@ -25,6 +25,7 @@ official key names, so ``segnext.load_checkpoint`` and ``segnext.predict`` read 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -88,6 +89,7 @@ class TrainResult:
     lrs: List[float] = field(default_factory=list)
     evaluations: List[Tuple[int, SegmentationScores]] = field(default_factory=list)
     checkpoint: Optional[Path] = None
+    kernels: Dict[str, int] = field(default_factory=dict)  # "op:backend" -> calls, first step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,15 +497,12 @@ def train(args: argparse.Namespace) -> TrainResult:
 
 def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) -> TrainResult:
     device = rt.device
-    try:
-        ops = {op: kernel_backends.resolve(op, device) for op in ("msca", "nmf2d")}
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
+    if not kernel_backends.runs_on(args.backend, device.type):
+        raise TrainError(str(kernel_backends.device_error(args.backend, "the model", device)))
     logger.info(f"SegNeXt-{args.model.upper()}, {args.num_classes} classes, data {args.data}, "
                 f"{rt.world_size} process(es) on {device.type}, batch {args.batch_size} per "
                 f"process, crop {args.crop}, {args.iters} iterations, amp {args.amp}")
-    logger.info(f"kernel backend {args.backend}: "
-                + ", ".join(f"{op} -> {name}" for op, name in ops.items()))
+    logger.info(f"kernel backend {args.backend}")
 
     resume_path = _resume_path(args, out_dir)
     resumed = _read_training_checkpoint(resume_path, args) if resume_path else None
@@ -618,12 +617,18 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
         step = index + 1  # iterations done once this one is
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = trained(images)
-        loss = segmentation_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        first = index == start_step
+        with (segnext_kernels.record_kernels() if first else contextlib.nullcontext()) as ran:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = trained(images)
+            loss = segmentation_loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        if first:
+            result.kernels = {f"{op}:{name}": n for (op, name), n in sorted(ran.items())}
+            logger.info("kernels of the first step: " + ", ".join(
+                f"{k} x{n}" for k, n in result.kernels.items()))
         scaler.step(optimizer)
         scaler.update()
         used_lrs = [group["lr"] for group in optimizer.param_groups]

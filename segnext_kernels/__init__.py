@@ -1,11 +1,14 @@
 """segnext-kernels: fused MSCA and NMF2D kernels for SegNeXt.
 
 Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``strip_conv``, the references
-(``msca_ref``, ``nmf_decompose_ref``), and backend selection (``available_backends``,
-``use_backend``, ``set_backend``, ``get_backend``).
+(``msca_ref``, ``nmf_decompose_ref``), backend selection (``available_backends``,
+``use_backend``, ``set_backend``, ``get_backend``, ``op_backends``) and ``record_kernels`` (which
+kernels ran).
 """
 from . import _extension
-from .backends import available_backends, get_backend, op_backends, set_backend, use_backend
+from . import kernels  # noqa: F401  (the kernel table dispatch reads)
+from .backends import available_backends, get_backend, set_backend, use_backend
+from .dispatch import op_backends, record_kernels
 from .dwconv_gelu import dwconv_gelu, dwconv_gelu_ref
 from .mlp import FusedMlp, mlp, mlp_ref
 from .msca import MSCA, MSCAWeights, msca, msca_ref
@@ -24,5 +27,6 @@ __all__ = [
     "strip_conv", "strip_conv_ref", "dwconv_gelu", "dwconv_gelu_ref",
     "mlp", "mlp_ref", "FusedMlp", "patch", "unpatch",
     "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
+    "record_kernels",
     "__version__",
 ]

@@ -1,7 +1,10 @@
 """Environment flags, read in one place.
 
-SEGNEXT_BACKEND      default backend name ("auto", "reference", "triton", "cuda", "cpu").
+SEGNEXT_BACKEND      default backend name ("auto", "reference", "triton", "cuda", "cpu"); an
+                     unknown or unavailable name makes every op call raise until it is fixed.
 SEGNEXT_DISABLE_C    if "1", do not load the compiled extension (useful to test the fallback).
+SEGNEXT_VERIFY       "0" turns off the one-time check of each fused kernel against the reference
+                     before its first use on a device (default: on).
 TRITON_INTERPRET     if "1", Triton kernels run on the CPU through Triton's interpreter.
 SEGNEXT_CHECK_INPUTS if "1", ops also check input values (nmf2d: x, bases non-negative and finite);
                      off by default: a value check waits for the GPU on every call.
@@ -11,12 +14,22 @@ from __future__ import annotations
 import os
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-DEFAULT_BACKEND: str = os.environ.get("SEGNEXT_BACKEND", "auto").strip().lower() or "auto"
+# Kept as given (not normalised): a misspelt name is refused with the same message as in
+# ``set_backend``.
+DEFAULT_BACKEND: str = os.environ.get("SEGNEXT_BACKEND") or "auto"  # set but empty: unset
 DISABLE_C: bool = _flag("SEGNEXT_DISABLE_C")
+
+
+def verify() -> bool:
+    """Read at call time, so that tests can switch it with monkeypatch.setenv."""
+    return _flag("SEGNEXT_VERIFY", default=True)
 
 
 def triton_interpret() -> bool:

@@ -1,4 +1,4 @@
-"""Backend selection: which implementation runs an op.
+"""Backends: their names, whether each is available here, and the selected one.
 
 | backend     | runs on                                    |
 |-------------|--------------------------------------------|
@@ -7,9 +7,9 @@
 | cuda        | CUDA tensors, when ``_C`` was built with CUDA |
 | cpu         | CPU tensors, when ``_C`` is loaded         |
 
-``auto`` (the default) picks, per call, the fastest backend that is available, runs on the
-tensor's device and implements the op. An explicitly chosen backend that does not implement an
-op (e.g. ``cpu`` for ``nmf2d``) runs that op with the reference; ``op_backends()`` tells which.
+Which kernel runs a given call is decided by ``segnext_kernels.dispatch.select``; this module
+only validates names (the same rules and messages for ``set_backend``, ``use_backend``, the
+per-call ``backend=`` and ``SEGNEXT_BACKEND``) and keeps the selection.
 """
 from __future__ import annotations
 
@@ -22,31 +22,19 @@ import torch
 from . import _env, _extension
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
-_CHOICES = ("auto",) + BACKENDS
+CHOICES = ("auto",) + BACKENDS
 
-# Which backends implement which op; each op module fills in its row.
-_OP_BACKENDS: Dict[str, set] = {}
+# The devices each backend's kernels run on ("reference" runs on any device).
+DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",)}
 
-# Preference order of ``auto`` per device type.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-
-
-# Largest shared-memory tile of the CUDA MSCA kernels (csrc/cuda/msca_cuda.cu), in bytes.
-_CUDA_SMEM_NEEDED = 160 * 1024
+# Largest shared-memory tile of the CUDA MSCA kernels, in bytes; _C reports it when built with
+# CUDA (``cuda_smem_bytes`` in its build info).
+_CUDA_SMEM_FALLBACK = 160 * 1024
 
 
 class BackendStatus(NamedTuple):
     available: bool
     reason: str
-
-
-def register_op(op: str, backends) -> None:
-    _OP_BACKENDS[op] = set(backends) | {"reference"}
-
-
-def op_backends() -> Dict[str, tuple]:
-    """For each op, the backends that have a kernel for it."""
-    return {op: tuple(b for b in BACKENDS if b in bs) for op, bs in _OP_BACKENDS.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,14 +71,15 @@ def _status(name: str) -> BackendStatus:
                                  "(rebuild with a CUDA build of torch and nvcc, SEGNEXT_CUDA=1)")
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA GPU visible")
+        need = int(_extension.build_info().get("cuda_smem_bytes", _CUDA_SMEM_FALLBACK))
         smem = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
                        "shared_memory_per_block_optin", None)
-        if smem is not None and smem < _CUDA_SMEM_NEEDED:
-            return BackendStatus(False, f"the CUDA MSCA kernels need {_CUDA_SMEM_NEEDED // 1024} KB of "
+        if smem is not None and smem < need:
+            return BackendStatus(False, f"the CUDA MSCA kernels need {need // 1024} KB of "
                                  f"shared memory per block (A100/H100 class); this GPU allows "
                                  f"{smem // 1024} KB: use the triton backend")
         return BackendStatus(True, f"CUDA C++ kernels in segnext_kernels._C on {torch.cuda.get_device_name()}")
-    raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
+    raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
 
 
 def available_backends() -> Dict[str, BackendStatus]:
@@ -98,10 +87,17 @@ def available_backends() -> Dict[str, BackendStatus]:
     return {name: _status(name) for name in BACKENDS}
 
 
-def _check_name(name) -> str:
-    if not isinstance(name, str) or name.strip().lower() not in _CHOICES:
-        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
-    name = name.strip().lower()
+def is_available(name: str) -> bool:
+    return _status(name).available
+
+
+def check_name(name) -> str:
+    """``name`` itself if it is a backend name that can run here; else a clear error.
+
+    Names are exact (``"cpu"``, not ``"CPU"`` or ``" cpu"``): one spelling, one meaning.
+    """
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
     if name != "auto":
         st = _status(name)
         if not st.available:
@@ -109,69 +105,53 @@ def _check_name(name) -> str:
     return name
 
 
+def runs_on(name: str, device_type: str) -> bool:
+    """Whether backend ``name``'s kernels can take tensors of ``device_type``."""
+    if name in ("auto", "reference"):
+        return True
+    if name == "triton" and device_type == "cpu":
+        return _env.triton_interpret()
+    return device_type in DEVICES[name]
+
+
+def device_error(name: str, op: str, device) -> ValueError:
+    where = "CPU tensors only under TRITON_INTERPRET=1" if name == "triton" else \
+        " and ".join(DEVICES[name]) + " tensors"
+    return ValueError(f"backend {name!r} cannot run {op} on a tensor on {device}: it runs on "
+                      f"{where}; select a backend for {device} (or 'auto', or 'reference')")
+
+
 # The selection is a plain module global (not a ContextVar) so that torch.compile can read it
 # while tracing, and guard on it: changing the backend recompiles instead of breaking the graph.
-_current: str = "auto"
-_default_checked = False
+# None means "not set": SEGNEXT_BACKEND (validated at every use until it is valid), else auto.
+_current: str | None = None
 
 
 def get_backend() -> str:
-    """The selected backend name (``auto`` unless set)."""
-    global _default_checked, _current
-    if not _default_checked:  # SEGNEXT_BACKEND is validated on first use, not at import
-        _default_checked = True
-        if _env.DEFAULT_BACKEND != "auto":
-            _current = _check_name(_env.DEFAULT_BACKEND)
-    return _current
+    """The selected backend name (``auto`` unless set by ``set_backend``/``use_backend`` or
+    ``SEGNEXT_BACKEND``)."""
+    if _current is not None:
+        return _current
+    try:
+        return check_name(_env.DEFAULT_BACKEND)
+    except (ValueError, RuntimeError) as exc:
+        raise type(exc)(f"SEGNEXT_BACKEND: {exc}") from None
 
 
 def set_backend(name: str) -> None:
     """Select the backend for all following calls (``auto`` restores the default)."""
     global _current
-    get_backend()
-    _current = _check_name(name)
+    _current = check_name(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """``with use_backend("triton"): ...`` runs the ops in the block with that backend."""
     global _current
-    previous = get_backend()
-    _current = _check_name(name)
+    chosen = check_name(name)
+    previous = _current
+    _current = chosen
     try:
-        yield _current
+        yield chosen
     finally:
         _current = previous
-
-
-def _runs_on(name: str, device_type: str) -> bool:
-    if name == "reference":
-        return True
-    if name == "triton":
-        return device_type == "cuda" or (device_type == "cpu" and _env.triton_interpret())
-    return device_type == name  # "cuda" and "cpu" backends are named after their device
-
-
-@torch.compiler.assume_constant_result
-def _resolve(op: str, device_type: str, name: str) -> str:
-    # A constant for torch.compile: evaluated once while tracing (availability probes import
-    # modules and query the driver, which must not be traced).
-    implemented = _OP_BACKENDS.get(op, {"reference"})
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(device_type, ("reference",)):
-            if cand in implemented and _status(cand).available:
-                return cand
-        return "reference"
-    if not _runs_on(name, device_type):
-        return ""
-    return name if name in implemented else "reference"
-
-
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on a tensor on ``device`` now."""
-    name = get_backend()
-    chosen = _resolve(op, device.type, name)
-    if not chosen:
-        raise ValueError(f"backend {name!r} cannot run {op} on a tensor on {device}; "
-                         f"select a backend for that device or 'auto'")
-    return chosen

@@ -9,7 +9,8 @@ def collect() -> dict:
     import torch
 
     from . import __version__, _cuda_archs, _extension
-    from .backends import available_backends, get_backend, op_backends
+    from .backends import available_backends, get_backend
+    from .dispatch import op_backends
 
     try:
         import triton

@@ -21,51 +21,64 @@ from torch import Tensor
 
 from . import _extension
 from ._validate import memory_format_of
-from .backends import register_op
+from .dispatch import ran
+from .kernels import _cxx_kernel
 
 
-def _cxx_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether _C registered an implementation of ``segnext::<op>`` for ``dispatch_key``."""
-    if not _extension.available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", dispatch_key)
+def _one_device(op: str, named) -> None:
+    """Refuse tensors on several devices (meta included): the fake would otherwise answer for
+    a call no kernel can run, with an uninitialised tensor."""
+    (first_name, first), *rest = named
+    for name, t in rest:
+        if t.device != first.device:
+            raise ValueError(f"segnext::{op}: {name} is on {t.device} but {first_name} is on "
+                             f"{first.device}; all tensors must be on one device")
+
+
+def _weights_named(weights, prefix="weights"):
+    return [(f"{prefix}[{i}]", w) for i, w in enumerate(weights)]
 
 # --------------------------------------------------------------------------------------------
 # strip_conv: depthwise 1xk / kx1 convolution with bias (the first op of _C; CPU only)
 # --------------------------------------------------------------------------------------------
-register_op("strip_conv", ("cpu",))  # forward only; autograd runs the reference
-
-
 def _register_cxx_fakes() -> None:
     if not _extension.available():
         return
 
     @torch.library.register_fake("segnext::strip_conv")
     def _(x, weight, bias):
+        _one_device("strip_conv", [("x", x), ("weight", weight)]
+                    + ([("bias", bias)] if bias is not None else []))
         return torch.empty_like(x)
 
     if _cxx_kernel("msca_fwd", "CPU") or _cxx_kernel("msca_fwd", "CUDA"):
         # Called only inside the msca custom op below; fakes keep them traceable on their own.
         @torch.library.register_fake("segnext::msca_fwd")
         def _(u, *w):
+            _one_device("msca_fwd", [("u", u)] + _weights_named(w))
             return torch.empty_like(u)
 
         @torch.library.register_fake("segnext::msca_bwd")
         def _(grad, u, *w):
+            _one_device("msca_bwd", [("u", u), ("grad", grad)] + _weights_named(w))
             return [torch.empty_like(u)] + [torch.empty_like(t) for t in w]
 
     if _cxx_kernel("dwconv3x3_gelu_fwd", "CPU"):
         @torch.library.register_fake("segnext::dwconv3x3_gelu_fwd")
         def _(x, weight, bias):
+            _one_device("dwconv3x3_gelu_fwd", [("x", x), ("weight", weight), ("bias", bias)])
             return torch.empty_like(x)
 
         @torch.library.register_fake("segnext::dwconv3x3_gelu_bwd")
         def _(grad, x, weight, bias):
+            _one_device("dwconv3x3_gelu_bwd", [("x", x), ("grad", grad), ("weight", weight),
+                                               ("bias", bias)])
             return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
 
     if _cxx_kernel("mlp_fwd", "CPU"):
         @torch.library.register_fake("segnext::mlp_fwd")
         def _(x, *weights):
+            _one_device("mlp_fwd", [("x", x)] + _weights_named(weights))
             return torch.empty_like(x)
 
 
@@ -74,10 +87,6 @@ _register_cxx_fakes()
 # --------------------------------------------------------------------------------------------
 # msca: the fused multi-scale convolutional attention
 # --------------------------------------------------------------------------------------------
-
-
-register_op("msca", ("triton",) + tuple(b for b, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                                        if _cxx_kernel("msca_fwd", key)))
 
 
 def _msca_kernels(backend: str):
@@ -96,25 +105,31 @@ def msca_op(u: Tensor, w0: Tensor, b0: Tensor, w0_1: Tensor, b0_1: Tensor, w0_2:
             b0_2: Tensor, w1_1: Tensor, b1_1: Tensor, w1_2: Tensor, b1_2: Tensor, w2_1: Tensor,
             b2_1: Tensor, w2_2: Tensor, b2_2: Tensor, w3: Tensor, b3: Tensor,
             backend: str) -> Tensor:
+    weights = (w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1, b2_1, w2_2, b2_2, w3, b3)
+    _one_device("msca", [("u", u)] + _weights_named(weights))
     fwd, _ = _msca_kernels(backend)
-    return fwd(u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1, b2_1, w2_2,
-               b2_2, w3, b3)
+    ran("msca", backend)
+    return fwd(u, *weights)
 
 
 @msca_op.register_fake
 def _(u, *args):
+    _one_device("msca", [("u", u)] + _weights_named(args[:-1]))
     return torch.empty_like(u)
 
 
 @torch.library.custom_op("segnext::msca_backward", mutates_args=())
 def msca_backward_op(grad: Tensor, u: Tensor, weights: List[Tensor], backend: str) -> List[Tensor]:
     """Returns [grad_u, then the 16 weight/bias gradients in the op's argument order]."""
+    _one_device("msca_backward", [("u", u), ("grad", grad)] + _weights_named(weights))
     _, bwd = _msca_kernels(backend)
+    ran("msca_backward", backend)
     return list(bwd(grad, u, *weights))
 
 
 @msca_backward_op.register_fake
 def _(grad, u, weights, backend):
+    _one_device("msca_backward", [("u", u), ("grad", grad)] + _weights_named(weights))
     return [torch.empty_like(u)] + [torch.empty_like(w) for w in weights]
 
 
@@ -139,9 +154,6 @@ def msca_fused(u: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # dwconv_gelu: the MLP's depthwise 3x3 conv + bias + GELU
 # --------------------------------------------------------------------------------------------
-register_op("dwconv_gelu", ("cpu",) if _cxx_kernel("dwconv3x3_gelu_fwd", "CPU") else ())
-
-
 def _dwconv_gelu_kernels(backend: str):
     if backend == "cpu":
         _extension.require()
@@ -151,12 +163,15 @@ def _dwconv_gelu_kernels(backend: str):
 
 @torch.library.custom_op("segnext::dwconv_gelu", mutates_args=())
 def dwconv_gelu_op(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
+    _one_device("dwconv_gelu", [("x", x), ("weight", weight), ("bias", bias)])
     fwd, _ = _dwconv_gelu_kernels(backend)
+    ran("dwconv_gelu", backend)
     return fwd(x, weight, bias)
 
 
 @dwconv_gelu_op.register_fake
 def _(x, weight, bias, backend):
+    _one_device("dwconv_gelu", [("x", x), ("weight", weight), ("bias", bias)])
     return torch.empty_like(x)
 
 
@@ -164,12 +179,17 @@ def _(x, weight, bias, backend):
 def dwconv_gelu_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                             backend: str) -> List[Tensor]:
     """[grad_x, grad_weight, grad_bias]."""
+    named = [("x", x), ("grad", grad), ("weight", weight), ("bias", bias)]
+    _one_device("dwconv_gelu_backward", named)
     _, bwd = _dwconv_gelu_kernels(backend)
+    ran("dwconv_gelu_backward", backend)
     return list(bwd(grad, x, weight, bias))
 
 
 @dwconv_gelu_backward_op.register_fake
 def _(grad, x, weight, bias, backend):
+    _one_device("dwconv_gelu_backward", [("x", x), ("grad", grad), ("weight", weight),
+                                         ("bias", bias)])
     return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
 
 
@@ -197,20 +217,20 @@ def dwconv_gelu_fused(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> 
 # mlp: the whole MSCAN MLP, fc2(gelu(dw3x3(fc1(x)))), for inference (no autograd formula: the
 # functional wrapper runs fc1, dwconv_gelu and fc2 when a gradient is needed)
 # --------------------------------------------------------------------------------------------
-register_op("mlp", ("cpu",) if _cxx_kernel("mlp_fwd", "CPU") else ())
-
-
 @torch.library.custom_op("segnext::mlp", mutates_args=())
 def mlp_op(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b2: Tensor,
            backend: str) -> Tensor:
+    _one_device("mlp", [("x", x)] + _weights_named((w1, b1, wd, bd, w2, b2)))
     if backend != "cpu":
         raise ValueError(f"mlp has no fused kernel for backend {backend!r}")
     _extension.require()
+    ran("mlp", backend)
     return torch.ops.segnext.mlp_fwd(x, w1, b1, wd, bd, w2, b2)
 
 
 @mlp_op.register_fake
 def _(x, *args):
+    _one_device("mlp", [("x", x)] + _weights_named(args[:-1]))
     return torch.empty_like(x)
 
 
@@ -223,9 +243,6 @@ def mlp_fused(x: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
 # One op runs the whole decomposition (init, all steps, reconstruction) in the backend's fused
 # kernels and returns, besides Y, the small per-step state (R columns) its backward needs; the
 # backward op runs the fused reverse pass over it (no autograd graph of the iterations).
-register_op("nmf2d", ("triton",))
-
-
 def _nmf_kernels(backend: str):
     """The module of a backend's NMF2D kernels: ``nmf_forward``, ``nmf_backward`` and
     ``ring_sizes`` (how many steps of state it saves), with the signatures of
@@ -241,12 +258,15 @@ def nmf2d_op(X: Tensor, bases: Tensor, steps: int, eps: float, inv_t: float, gra
     """X (b, D, N), bases (b, D, R) float32 → [Y (b, D, N), then the saved state: bases, coef,
     numerator (Xᵀ B), P (X coef) and H (coefᵀ coef) per step]; ``save`` keeps every step (needed
     by the ``unrolled`` backward), else only the last ones."""
+    _one_device("nmf2d", [("X", X), ("bases", bases)])
     fwd = _nmf_kernels(backend).nmf_forward
+    ran("nmf2d", backend)
     return list(fwd(X, bases, steps, eps, inv_t, save and grad == "unrolled"))
 
 
 @nmf2d_op.register_fake
 def _(X, bases, steps, eps, inv_t, grad, save, backend):
+    _one_device("nmf2d", [("X", X), ("bases", bases)])
     b, D, N = X.shape
     R = bases.shape[2]
     nB, nC, nU, nP = _nmf_kernels(backend).ring_sizes(steps, save and grad == "unrolled")
@@ -259,7 +279,9 @@ def _(X, bases, steps, eps, inv_t, grad, save, backend):
 def nmf2d_backward_op(grad_y: Tensor, X: Tensor, saved: List[Tensor], steps: int, eps: float,
                       inv_t: float, grad: str, backend: str) -> List[Tensor]:
     """[dX, dbases]; dbases is an empty tensor for ``one_step`` (its gradient is None)."""
+    _one_device("nmf2d_backward", [("X", X), ("grad_y", grad_y)] + _weights_named(saved, "saved"))
     bwd = _nmf_kernels(backend).nmf_backward
+    ran("nmf2d_backward", backend)
     dX, dB = bwd(grad_y, X, *saved, steps, eps, inv_t, grad)
     return [dX, dB if dB is not None else X.new_empty((0,))]
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
 from ._validate import check_same, check_tensor, memory_format_of
+from .dispatch import Problem, layout_of, needs_grad, ran, select
 
 
 def strip_conv_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -32,10 +32,12 @@ def strip_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
             raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")
         named.append(("bias", bias))
     check_same("x", x, named)
-    name = backends.resolve("strip_conv", x.device) if backend is None else backend
-    if name != "cpu" or x.requires_grad or weight.requires_grad or \
-            (bias is not None and bias.requires_grad):
+    name = select(Problem("strip_conv", x.device, x.dtype, layout_of(x), tuple(x.shape),
+                          needs_grad(x, weight, bias), (("k", max(kh, kw)),)), backend)
+    if name == "reference":
+        ran("strip_conv", "reference")
         return strip_conv_ref(x, weight, bias)
+    ran("strip_conv", name)
     x = x.contiguous(memory_format=memory_format_of(x))
     return torch.ops.segnext.strip_conv(x, weight.contiguous(),
                                         None if bias is None else bias.contiguous())

@@ -1,4 +1,5 @@
-"""Backend selection, the compiled-extension loader and its fallback, and `segnext_kernels.info`."""
+"""Backend availability, the compiled-extension loader and its fallback, and `segnext_kernels.info`
+(selection itself: tests/test_dispatch.py)."""
 import os
 import subprocess
 import sys
@@ -17,51 +18,6 @@ def test_available_backends_reports_every_backend_with_reason():
         assert isinstance(s.available, bool) and s.reason, name
     assert st["reference"].available
     assert st["cpu"].available == _extension.available()
-
-
-def test_unknown_backend_name_is_refused():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference'"):
-        sk.set_backend("cudnn")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        with sk.use_backend(3):
-            pass
-
-
-def test_unavailable_backend_says_why():
-    st = sk.available_backends()["cuda"]
-    if st.available:
-        pytest.skip("cuda backend is available here")
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: " + st.reason[:20]):
-        sk.set_backend("cuda")
-
-
-def test_use_backend_restores_and_set_backend_persists():
-    assert sk.get_backend() == "auto"
-    with sk.use_backend("reference"):
-        assert sk.get_backend() == "reference"
-    assert sk.get_backend() == "auto"
-    sk.set_backend("reference")
-    try:
-        assert sk.get_backend() == "reference"
-    finally:
-        sk.set_backend("auto")
-
-
-def test_auto_resolution_on_cpu():
-    expected = "cpu" if "cpu" in sk.op_backends()["msca"] else "reference"
-    assert backends.resolve("msca", torch.device("cpu")) == expected
-    # an op without a kernel in the chosen backend runs the reference
-    if _extension.available():
-        with sk.use_backend("cpu"):
-            assert backends.resolve("nmf2d", torch.device("cpu")) in sk.op_backends()["nmf2d"]
-
-
-def test_backend_for_another_device_is_refused():
-    if not sk.available_backends()["cpu"].available:
-        pytest.skip("_C not built")
-    with sk.use_backend("cpu"):
-        with pytest.raises(ValueError, match="backend 'cpu' cannot run msca on a tensor on meta"):
-            backends.resolve("msca", torch.device("meta"))
 
 
 def _run(code, **env):
@@ -100,8 +56,3 @@ def test_info_command_prints_versions_and_backends():
     assert r.returncode == 0, r.stderr
     for word in ("torch", "triton", "compiled extension", "reference", "cpu", "cuda", "msca", "nmf2d"):
         assert word in r.stdout
-
-
-def test_segnext_backend_env_is_validated():
-    r = _run("import segnext_kernels as sk; sk.get_backend()", SEGNEXT_BACKEND="bogus")
-    assert r.returncode != 0 and "backend must be one of" in r.stderr

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segnext
+import segnext_kernels as sk
 from segnext_kernels import msca_ref, nmf_decompose_ref
 
 # §2.3 / paper: (paper total, analytic total, analytic backbone), in millions, 150 classes.
@@ -79,6 +80,8 @@ def official_tiny_keys():
     conv(f"{d}.conv_seg", (150, 256, 1, 1))
     return keys
 
+
+HAS_CPU_KERNELS = sk.available_backends()["cpu"].available and "cpu" in sk.op_backends()["msca"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -259,11 +262,29 @@ def test_nmf_generator_makes_eval_reproducible(trained_tiny, trained_logits, ima
 
 def test_training_step_reaches_every_parameter():
     model = segnext.segnext_t(num_classes=5).train()
-    logits = model(torch.randn(2, 3, 32, 32))
-    target = torch.randint(0, 5, (2, 32, 32))
-    F.cross_entropy(segnext.upsample_logits(logits, (32, 32)), target).backward()
+    with sk.record_kernels() as ran:
+        logits = model(torch.randn(2, 3, 32, 32))
+        target = torch.randint(0, 5, (2, 32, 32))
+        F.cross_entropy(segnext.upsample_logits(logits, (32, 32)), target).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert no_grad == []
+    if HAS_CPU_KERNELS:  # 13 blocks: the fused MSCA forward and backward in each
+        assert ran[("msca", "cpu")] == 13 and ran[("msca_backward", "cpu")] == 13
+        assert ran[("dwconv_gelu", "cpu")] == 13 and ran[("dwconv_gelu_backward", "cpu")] == 13
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="segnext_kernels._C is not built")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inference_runs_the_fused_kernels(trained_tiny, image, layout):
+    img = image.contiguous(memory_format=layout)
+    with sk.record_kernels() as ran:
+        logits_of(trained_tiny, img)
+    assert ran[("msca", "cpu")] == 13 and ("msca", "reference") not in ran
+    # each MLP: one fused op, or fc1 -> fused dwconv_gelu -> fc2 where that is faster
+    assert ran[("mlp", "cpu")] + ran[("dwconv_gelu", "cpu")] == 13
+    with sk.use_backend("reference"), sk.record_kernels() as ran:
+        logits_of(trained_tiny, img)
+    assert set(ran) == {("msca", "reference"), ("dwconv_gelu", "reference"), ("nmf2d", "reference")}
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -182,8 +182,18 @@ def _official_pair(train):
 
 
 def test_patch_official_segnext_replaces_every_msca_mlp_and_nmf():
-    _, patched, replaced = _official_pair(train=False)
+    official, patched, replaced = _official_pair(train=False)
     kinds = [r.new for r in replaced]
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), sk.record_kernels() as ran:
+        patched.eval()(img)
+    if sk.available_backends()["cpu"].available:  # the swapped modules run the fused kernels
+        assert ran[("msca", "cpu")] == 13 and ("msca", "reference") not in ran
+        assert ran[("mlp", "cpu")] + ran[("dwconv_gelu", "cpu")] == 13
+    assert sum(n for (op, _), n in ran.items() if op == "nmf2d") == 1  # through our NMF2D op
+    with torch.no_grad(), sk.record_kernels() as ran:
+        official.eval()(img)
+    assert not ran  # the unpatched official model runs none of our ops
     # SegNeXt-T: 3 + 3 + 5 + 2 blocks, each with one MSCA and one MLP; one NMF2D in the head
     assert kinds.count("MSCA") == 13 and kinds.count("FusedMlp") == 13
     assert kinds.count("NMF2D") == 1 and len(kinds) == 27

@@ -68,6 +68,10 @@ def test_fused_backend_trains_like_the_reference(tmp_path, device, backend):
     fused_losses = torch.tensor([loss for _, loss in fused.losses])
     reference_losses = torch.tensor([loss for _, loss in reference.losses])
     assert len(fused_losses) == 3
+    # the fused kernels ran (13 blocks), the reference run ran none of them
+    assert fused.kernels[f"msca:{backend}"] == 13 and fused.kernels[f"msca_backward:{backend}"] == 13
+    assert not any(k.endswith(f":{backend}") for k in reference.kernels)
+    assert reference.kernels["msca:reference"] == 13
     # float32 on the CPU; on CUDA the reference's cuDNN convolutions may use TF32.
     rtol = 1e-4 if device == "cpu" else 2e-3
     torch.testing.assert_close(fused_losses, reference_losses, rtol=rtol, atol=1e-6)

@@ -13,8 +13,8 @@
 #   env                 nvidia-smi, versions, git commit -> env.json           5/20       6       3
 #   build               pip install -e . for this GPU's arch only, all cores  60/150    134      60-90
 #                       (TORCH_CUDA_ARCH_LIST from nvidia-smi), then segnext_kernels.info
-#   selftest            python -m segnext_kernels.selftest ("absent" if the   10/40      11      5-20
-#                       module does not exist yet)
+#   selftest            python -m segnext_kernels.selftest --device cuda: the  10/40      11      5-20
+#                       GPU kernels vs the reference ("absent" without it)
 #   gpu-tests           pytest -m gpu -v --maxfail=10 (not -x: each GPU run   40/150     13      60-150
 #                       is precious) on the CUDA/Triton test files
 #   sanitize-memcheck   compute-sanitizer memcheck, tools/sanitize_msca.py    25/60       0      20-40
@@ -120,7 +120,7 @@ EOF
       echo "env $arch_env MAX_JOBS=$NPROC CMAKE_BUILD_PARALLEL_LEVEL=$NPROC \"$PY\" -m pip install -v --no-index --no-build-isolation --no-deps -e . && \"$PY\" -m segnext_kernels.info | tee \"$OUT/info.txt\""
       ;;
     selftest)
-      echo "if \"$PY\" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(\"segnext_kernels.selftest\") else 1)'; then \"$PY\" -m segnext_kernels.selftest; else echo 'segnext_kernels.selftest: absent'; exit $ABSENT; fi"
+      echo "if \"$PY\" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(\"segnext_kernels.selftest\") else 1)'; then \"$PY\" -m segnext_kernels.selftest --device cuda --json \"$OUT/selftest.json\"; else echo 'segnext_kernels.selftest: absent'; exit $ABSENT; fi"
       ;;
     gpu-tests)
       echo "\"$PY\" -m pytest -m gpu -v -rfEs -p no:cacheprovider --maxfail=10 --junitxml=\"$OUT/gpu_tests.xml\" -k 'not compute_sanitizer' tests/test_msca_cuda.py tests/test_msca_triton.py tests/test_nmf_triton.py tests/test_train.py"

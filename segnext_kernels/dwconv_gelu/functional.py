@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
 from .._validate import autocast_inputs, check_same, check_shape, check_tensor, memory_format_of
+from ..dispatch import Problem, layout_of, needs_grad, ran, select
 from .reference import dwconv_gelu_ref
 
 
@@ -15,7 +15,7 @@ def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None 
     ``x``: (B, C, H, W), float32/float16/bfloat16/float64, contiguous or channels_last (the
     fast layout); ``weight`` (C, 1, 3, 3) and ``bias`` (C,). GELU is the exact (erf) one.
     Returns a tensor of ``x``'s dtype and memory format. ``backend`` overrides the selected
-    one for this call.
+    one for this call (same rules as ``use_backend``).
     """
     check_tensor("x", x, dim=4)
     check_tensor("weight", weight)
@@ -27,9 +27,11 @@ def dwconv_gelu(x: Tensor, weight: Tensor, bias: Tensor, *, backend: str | None 
     check_same("x", x, [("weight", weight), ("bias", bias)])
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    name = backends.resolve("dwconv_gelu", x.device) if backend is None else backend
-    if name not in backends.op_backends().get("dwconv_gelu", ()) or name == "reference":
-        return dwconv_gelu_ref(x, weight, bias)  # no fused kernel for this backend
+    name = select(Problem("dwconv_gelu", x.device, x.dtype, layout_of(x), tuple(x.shape),
+                          needs_grad(x, weight, bias)), backend)
+    if name == "reference":
+        ran("dwconv_gelu", "reference")
+        return dwconv_gelu_ref(x, weight, bias)
     from ..ops import dwconv_gelu_fused
     x = x.contiguous(memory_format=memory_format_of(x))
     return dwconv_gelu_fused(x, weight.contiguous(), bias.contiguous(), name)

@@ -1,9 +1,9 @@
 """``mlp(x, w1, b1, wd, bd, w2, b2)``: the MSCAN MLP with the selected backend's kernels.
 
 Inference (no gradient needed) runs the whole MLP as one fused op where the backend has one
-(``cpu``: the hidden activation never leaves the cache). When autograd needs the graph, fc1 and
-fc2 stay PyTorch convs and the dwconv + GELU between them is the fused ``dwconv_gelu`` op, whose
-backward is fused too.
+and it is faster (``cpu``: the hidden activation never leaves the cache). Otherwise fc1 and fc2
+stay PyTorch convs and the dwconv + GELU between them is the ``dwconv_gelu`` op, whose backward
+is fused too.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
 from .._validate import autocast_inputs, check_same, check_shape, check_tensor, memory_format_of
+from ..dispatch import Problem, layout_of, needs_grad, select
 from ..dwconv_gelu import dwconv_gelu
 from .reference import mlp_ref
 
@@ -41,18 +41,14 @@ def mlp(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b
     check_same("x", x, list(zip(_NAMES, weights)))
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    name = backends.resolve("mlp", x.device) if backend is None else backend
-    if name == "reference":
-        return mlp_ref(x, *weights)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + weights)
-    if needs_grad or name not in backends.op_backends().get("mlp", ()):
-        w1, b1, wd, bd, w2, b2 = weights
-        return F.conv2d(dwconv_gelu(F.conv2d(x, w1, b1), wd, bd, backend=None if backend is None
-                                    else _dwconv_backend(backend)), w2, b2)
-    from ..ops import mlp_fused
-    x = x.contiguous(memory_format=memory_format_of(x))
-    return mlp_fused(x, [w.contiguous() for w in weights], name)
-
-
-def _dwconv_backend(name: str) -> str:
-    return name if name in backends.op_backends().get("dwconv_gelu", ()) else "reference"
+    name = select(Problem("mlp", x.device, x.dtype, layout_of(x), tuple(x.shape),
+                          needs_grad(x, *weights), (("hidden", hidden),)), backend)
+    if name != "reference":
+        from ..ops import mlp_fused
+        x = x.contiguous(memory_format=memory_format_of(x))
+        return mlp_fused(x, [w.contiguous() for w in weights], name)
+    # No fused MLP for this call (autograd needs the graph, or no faster kernel): fc1 and fc2
+    # stay PyTorch convs, and the dwconv + GELU between them is ``dwconv_gelu`` under the same
+    # backend request (with "reference", this is the reference MLP).
+    w1, b1, wd, bd, w2, b2 = weights
+    return F.conv2d(dwconv_gelu(F.conv2d(x, w1, b1), wd, bd, backend=backend), w2, b2)

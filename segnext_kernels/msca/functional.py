@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
 from .._validate import autocast_inputs, check_same, check_tensor, memory_format_of
+from ..dispatch import Problem, layout_of, needs_grad, ran, select
 from .reference import MSCAWeights, msca_ref, weight_shapes
 
 
@@ -31,16 +31,16 @@ def msca(u: Tensor, *weights: Tensor, backend: str | None = None) -> Tensor:
     ``u``: (B, C, H, W), float32/float16/bfloat16 (float64 on the reference and cpu backends),
     contiguous or channels_last. ``weights``: the 16 tensors of MSCAWeights (official shapes).
     Returns ``conv3(a + B7(a) + B11(a) + B21(a)) * u`` in ``u``'s dtype and memory format.
-    ``backend`` overrides the selected one for this call.
+    ``backend`` overrides the selected one for this call (same rules as ``use_backend``).
     """
     check_tensor("u", u, dim=4)
     u, weights = autocast_inputs(u, weights)
     _check(u, weights)
-    name = backends.resolve("msca", u.device) if backend is None else backend
+    name = select(Problem("msca", u.device, u.dtype, layout_of(u), tuple(u.shape),
+                          needs_grad(u, *weights)), backend)
     if name == "reference":
+        ran("msca", "reference")
         return msca_ref(u, *weights)
-    if u.dtype == torch.float64 and name == "triton":
-        return msca_ref(u, *weights)  # Triton kernels have no float64 path
     from ..ops import msca_fused
     u = u.contiguous(memory_format=memory_format_of(u))
     return msca_fused(u, [w.contiguous() for w in weights], name)

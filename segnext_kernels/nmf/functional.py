@@ -1,13 +1,15 @@
 """``nmf2d(x, R=..., steps=...)``: validate, draw bases, pick the backend, run."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import Tensor
 
-from .. import _env, backends
+from .. import _env
 from .._validate import check_tensor
+from ..dispatch import Problem, needs_grad, ran, select
 from .reference import GRAD_MODES, draw_bases, nmf_decompose_ref
 
 
@@ -27,8 +29,9 @@ def _check_float(name: str, v, positive: bool) -> float:
 
 def _check_values(name: str, t: Tensor) -> None:
     """SEGNEXT_CHECK_INPUTS=1 only: a value check reads the tensor back to the host, which waits
-    for the GPU on every call (and cannot run under torch.compile or CUDA-graph capture)."""
-    if not _env.check_inputs() or torch.compiler.is_compiling() or \
+    for the GPU on every call (and cannot run under torch.compile, CUDA-graph capture, or on
+    meta tensors)."""
+    if not _env.check_inputs() or torch.compiler.is_compiling() or t.device.type == "meta" or \
             (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if not bool(((t >= 0) & torch.isfinite(t)).all()):  # NaN fails both
@@ -73,7 +76,9 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
                          "the bases are drawn on x's device")
 
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    with torch.autocast(x.device.type, enabled=False):
+    no_autocast = (torch.autocast(x.device.type, enabled=False)
+                   if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
+    with no_autocast:
         X = x.reshape(B * S, D, N).to(cdtype)
         if bases is None:
             bases = draw_bases(B * S, D, R, device=x.device, generator=generator, dtype=cdtype)
@@ -86,16 +91,13 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
                 raise ValueError(f"bases is on {bases.device} but x is on {x.device}")
             _check_values("bases", bases)
             bases = bases.to(cdtype)
-        name = backends.resolve("nmf2d", x.device) if backend is None else backend
-        too_big = name == "triton" and R > _triton_max_rank()
-        if name == "reference" or too_big or (cdtype == torch.float64 and name == "triton"):
+        name = select(Problem("nmf2d", x.device, cdtype, "contiguous", (B * S, D, N),
+                              needs_grad(X, bases), (("D", D), ("N", N), ("R", R))), backend)
+        if name == "reference":
+            ran("nmf2d", "reference")
             Y = nmf_decompose_ref(X, bases, steps, eps, inv_t, grad)
         else:
             from ..ops import nmf2d_fused
             Y = nmf2d_fused(X.contiguous(), bases.contiguous(), steps, eps, inv_t, grad, name)
     return Y.reshape(B, C, H, W).to(x.dtype)
 
-
-def _triton_max_rank() -> int:
-    from .triton import MAX_RANK  # noqa: PLC0415 - triton is imported only when used
-    return MAX_RANK

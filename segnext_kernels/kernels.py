@@ -1,0 +1,117 @@
+"""The kernel table: for each op, each backend's kernel and what it takes.
+
+One entry per (op, backend): the dtypes and memory formats it has code for, whether it has a
+backward, its size limits, and the rule ``auto`` uses to decide that it beats the reference at
+a call (``faster``; absent = always). Dispatch (segnext_kernels/dispatch.py) reads nothing else.
+
+The CPU ``faster`` rules come from measurements on two CPUs (a 2-core Intel Xeon with AVX-512
+and a 2-core AMD EPYC Zen 5), recorded under bench/results/ and explained in
+docs/dispatch.md. The GPU kernels have no rule yet: none has been timed on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+from .dispatch import Kernel, Problem, register
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+def _cxx_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether _C registered an implementation of ``segnext::<op>`` for ``dispatch_key``."""
+    if not _extension.available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", dispatch_key)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _triton_device_limits(device_type: str, dtype: torch.dtype):
+    # Triton's interpreter computes bfloat16 as NaN without an error.
+    if device_type == "cpu" and dtype == BF16:
+        return "bfloat16 is not supported by Triton's CPU interpreter"
+    return None
+
+
+# ---- msca ---------------------------------------------------------------------------------
+
+def _msca_triton_limits(p: Problem):
+    if _numel(p.shape[1:]) >= 2 ** 31:  # int32 offsets within one image
+        return "2**31 or more elements per image"
+    return None
+
+
+def _msca_cuda_limits(p: Problem):
+    if max(p.shape) > 2 ** 31 - 1:
+        return "a dimension of 2**31 or more"
+    return None
+
+
+register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_fwd", "CPU"),
+                note="2-5x faster than eager (oneDNN) at every SegNeXt shape on both CPUs"))
+register(Kernel("msca", "triton", (F32, F16, BF16), limits=_msca_triton_limits,
+                device_limits=_triton_device_limits))
+register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_fwd", "CUDA"),
+                limits=_msca_cuda_limits))
+
+# ---- dwconv_gelu --------------------------------------------------------------------------
+
+
+def _dwconv_gelu_cpu_faster(p: Problem) -> bool:
+    # The fused forward is faster in both layouts; its channels-last backward is compute-bound
+    # on GELU' and the recomputed conv, and at best at parity with oneDNN's.
+    return not (p.grad and p.layout == "channels_last")
+
+
+register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
+                present=_cxx_kernel("dwconv3x3_gelu_fwd", "CPU"), faster=_dwconv_gelu_cpu_faster,
+                note="forward faster in both layouts; channels-last backward at best at parity"))
+
+# ---- mlp (inference only) ------------------------------------------------------------------
+
+# The fused MLP wins where eager's hidden activation (4-8x the input) no longer stays in the
+# caches between its four passes; below, oneDNN's whole-tensor 1x1 GEMMs are faster than the
+# fused op's per-band GEMMs.
+MLP_FUSED_MIN_HIDDEN_BYTES = 12 << 20
+
+
+def _mlp_cpu_faster(p: Problem) -> bool:
+    B, _, H, W = p.shape
+    return B * p.size("hidden") * H * W * p.dtype.itemsize >= MLP_FUSED_MIN_HIDDEN_BYTES
+
+
+register(Kernel("mlp", "cpu", (F32, F16, BF16, F64), backward=False,
+                present=_cxx_kernel("mlp_fwd", "CPU"), faster=_mlp_cpu_faster,
+                note="faster once the hidden activation is >= 12 MiB"))
+
+# ---- nmf2d --------------------------------------------------------------------------------
+
+NMF_TRITON_MAX_RANK = 128  # the largest rank the Triton kernels are compiled and checked for
+
+
+def _nmf_triton_limits(p: Problem):
+    D, N, R = p.size("D"), p.size("N"), p.size("R")
+    if R > NMF_TRITON_MAX_RANK:
+        return f"rank R={R} above {NMF_TRITON_MAX_RANK}"
+    if D * N >= 2 ** 31 or N * max(R, 16) >= 2 ** 31:
+        return "2**31 or more elements per item"
+    if (N + 15) // 16 > 65535:
+        return f"N={N} beyond the grid limit"
+    return None
+
+
+register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_triton_limits,
+                device_limits=_triton_device_limits))
+
+# ---- strip_conv (forward only) ---------------------------------------------------------------
+
+register(Kernel("strip_conv", "cpu", (F32, F16, BF16, F64), backward=False,
+                present=_cxx_kernel("strip_conv", "CPU"),
+                faster=lambda p: p.layout == "contiguous",
+                note="faster than oneDNN in NCHW only"))
