@@ -102,8 +102,8 @@ def predict_labels(model: SegNeXt, image: torch.Tensor, mode: str = "whole",
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or \
             image.numel() == 0:
-        raise ValueError(f"image must be a (3, H, W) RGB tensor on the 0-255 scale, got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a (3, H, W) RGB tensor on the 0-255 scale, got {got}")
     device = next(model.parameters()).device
     original_size = image.shape[-2:]
     scale = DEFAULT_SCALES[mode] if scale is None else scale
@@ -348,6 +348,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--num-classes must be >= 1, got {args.num_classes}")
     if not 0.0 <= args.opacity <= 1.0:
         p.error(f"--opacity must be in [0, 1], got {args.opacity}")
+    if not 0 <= args.seed < 2**64:  # torch.Generator.manual_seed takes a 64-bit seed
+        p.error(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out must be a folder, but {args.out} is a file")
     return args
