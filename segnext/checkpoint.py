@@ -109,6 +109,9 @@ def convert_state_dict(state_dict: Mapping[str, Any],
     all values are kept as they are; works with and without the ``backbone.`` prefix."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
     return OrderedDict((_rename(k, family), v) for k, v in state_dict.items())
 
 

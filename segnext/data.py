@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ._validate import check_int, check_ints
+from ._validate import check_int, check_ints, check_real
 
 # The official normalisation (RGB order, 0-255 scale) and ignore label (§6.1).
 MEAN = (123.675, 116.28, 103.53)
@@ -110,6 +110,16 @@ def prepare_test_image(image: torch.Tensor, scale: Optional[Sequence[int]] = (20
     """The official test pipeline of one (3, H, W) 0-255 image: keep-ratio resize to fit
     ``scale`` (None keeps the size), then resize up to a multiple of ``size_divisor`` (None
     skips it), then normalise."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or \
+            image.numel() == 0:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a non-empty (3, H, W) tensor, got {got}")
+    if scale is not None and (len(scale) != 2 or min(scale) < 1):
+        raise ValueError(f"scale must be two sizes >= 1 (or None), got {tuple(scale)!r}")
+    if size_divisor is not None and (isinstance(size_divisor, bool) or
+                                     not isinstance(size_divisor, int) or size_divisor < 0):
+        raise ValueError(f"size_divisor must be an int >= 1 (0 or None: no rounding), got "
+                         f"{size_divisor!r}")
     height, width = image.shape[-2:]
     if scale is not None:
         height, width = rescale_size(height, width, scale)
@@ -469,9 +479,20 @@ class ADE20K(Dataset):
                  crop_size: Union[int, Size] = 512, scale: Size = (2048, 512),
                  ratio_range: Tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
                  test_size_divisor: int = 32):
+        crop_size = (crop_size, crop_size) if isinstance(crop_size, int) and \
+            not isinstance(crop_size, bool) else crop_size
+        for name, pair in (("crop_size", crop_size), ("scale", scale)):
+            if len(check_ints(name, pair, 1)) != 2:
+                raise ValueError(f"{name} must be (height, width), got {pair!r}")
+        if len(ratio_range) != 2 or check_real("ratio_range", ratio_range[0], 1e-3, 1e3) > \
+                check_real("ratio_range", ratio_range[1], 1e-3, 1e3):
+            raise ValueError(f"ratio_range must be (low, high) with low <= high, got "
+                             f"{tuple(ratio_range)!r}")
+        check_real("cat_max_ratio", cat_max_ratio, 0.0, 1.0)
+        check_int("test_size_divisor", test_size_divisor, 0)
         self.root = Path(root)
         self.split = split
-        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.crop_size = tuple(crop_size)
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.cat_max_ratio = cat_max_ratio

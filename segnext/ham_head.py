@@ -115,6 +115,10 @@ class LightHamHead(nn.Module):
         """``bases`` / ``generator`` go to the NMF: fixed (B, C, R) bases or a seeded generator
         on the input's device make the output reproducible (the bases are otherwise drawn at
         random on every call)."""
+        if len(feats) <= max(self.in_index):
+            raise ValueError(f"feats must hold the backbone's stage outputs, at least "
+                             f"{max(self.in_index) + 1} (in_index {self.in_index}), got "
+                             f"{len(feats)}")
         inputs = [feats[i] for i in self.in_index]
         size = inputs[0].shape[2:]
         inputs = [x if x.shape[2:] == size else

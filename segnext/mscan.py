@@ -51,7 +51,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float):
         super().__init__()
-        self.drop_prob = float(drop_prob)
+        self.drop_prob = check_probability("drop_prob", drop_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
