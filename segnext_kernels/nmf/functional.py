@@ -17,17 +17,19 @@ def _check_int(name: str, v, lo: int) -> int:
     return v
 
 
-# The iterations compute in float32 (also for float64 input, the bounds are float32's):
-# - eps is added to the denominators of the multiplicative updates, coef·(BᵀB) and B·(coefᵀcoef).
-#   Those are exactly 0 where a row of x is 0 (that bases row becomes 0) or a coef column
-#   underflows to 0, and there the numerator is 0 as well: eps must keep 0/0 from happening, so
-#   it must be a normal float32 (> 1.2e-38: not rounded to 0, not a subnormal that flush-to-zero
-#   arithmetic drops). EPS_MIN = 1e-30 leaves 8 decades of margin; EPS_MAX is float32's largest.
-# - inv_t scales Xᵀ B before the softmax of the coef init. A softmax is NaN only when an input is
-#   infinite (inf - inf), so inv_t · Xᵀ B must stay a finite float32. |inv_t| <= INV_T_MAX = 1e4
-#   keeps it finite whenever |Xᵀ B| <= 3.4e34 (drawn bases have unit columns, so |Xᵀ B| <= the
-#   norm of a column of x), and 1e4 already turns the softmax into a hard argmax for differences
-#   above 1e-2 (HamNet uses 1 for NMF, 100 for its vector-quantisation variant).
+# Ranges of eps and inv_t that keep the float32 iterations finite (float64 input computes in
+# float64; the float32 bounds hold for it too):
+# - eps is added to the denominators of the multiplicative updates, coef·(BᵀB) and
+#   B·(coefᵀcoef). Those are exactly 0 where a row of x is 0 (that bases row becomes 0) or a
+#   coef column underflows to 0, and there the numerator is 0 as well: eps must keep 0/0 from
+#   happening, so it must be a normal float32 (> 1.2e-38: not rounded to 0, and not a subnormal
+#   that flush-to-zero arithmetic drops). EPS_MIN = 1e-30 leaves 8 decades of margin; EPS_MAX is
+#   the largest float32.
+# - inv_t scales Xᵀ B before the softmax of the coef init. A softmax is NaN only when an input
+#   is infinite (inf - inf), so inv_t · Xᵀ B must stay a finite float32. |inv_t| <= INV_T_MAX =
+#   1e4 keeps it finite whenever |Xᵀ B| <= 3.4e34 (drawn bases have unit columns, so |Xᵀ B| is
+#   at most the norm of a column of x). At 1e4 the softmax is already a hard argmax for
+#   differences above 1e-2; SegNeXt's NMF uses 1 (the configs' 100 is overridden to 1).
 EPS_MIN, EPS_MAX = 1e-30, float(torch.finfo(torch.float32).max)
 INV_T_MAX = 1e4
 
