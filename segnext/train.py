@@ -463,7 +463,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically (a reader never sees half a file), then point latest.pth at it."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # a full disk, a folder removed under the run
+        tmp.unlink(missing_ok=True)  # the last checkpoint written stays as it was
+        raise TrainError(f"cannot write the checkpoint {path}: {error_summary(exc)}") from None
     os.replace(tmp, path)
     latest = path.with_name(LATEST)
     latest_tmp = path.with_name(LATEST + ".tmp")
@@ -787,8 +791,12 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
     if args.dump_weights:
         average_batchnorm_statistics(model, rt)
         dump_dir = Path(args.dump_weights)
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), dump_dir / f"rank{rt.rank}.pt")
+        try:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), dump_dir / f"rank{rt.rank}.pt")
+        except OSError as exc:
+            raise TrainError(f"cannot write to the --dump-weights folder {dump_dir}: "
+                             f"{exc.strerror or error_summary(exc)}") from None
     logger.info(f"done at iteration {step}")
     return result
 

@@ -471,6 +471,12 @@ def test_resume_of_a_damaged_training_checkpoint(broken_at_the_last_step, spoil,
     one_line_error(capsys, "segnext.train", "--resume", *fragments)
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_error(tmp_path):
+    with pytest.raises(train_cli.TrainError, match="cannot write the checkpoint"):
+        train_cli.save_checkpoint(tmp_path / "removed" / "iter_3.pth", {"w": torch.ones(1)})
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_optimizer_schedule_helpers_refuse_bad_values():
     model = small_mscan()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
