@@ -70,7 +70,6 @@ VARIANTS = (
     ("openvino:f32", "nchw", "-", "OpenVINO, f32 precision hint"),
     ("openvino:default", "nchw", "-", "OpenVINO, default precision"),
 )
-TITLES = {(n, lay): t for n, lay, _, t in VARIANTS}
 COMPILED = ("compile", "compile:cpu")
 # Largest accepted max|out - ref| / max|ref|. float32 paths differ only in rounding. A bf16 path
 # (OpenVINO's default on bf16-capable CPUs) rounds activations to 8 mantissa bits, and the
@@ -134,7 +133,9 @@ def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
              "against eager NCHW (err column)",
              "deploy: each case runs in a fresh subprocess per allocator state; variants timed "
              "in interleaved rounds (order rotated), medians; 'faults' = minor page faults per "
-             "call"]
+             "call",
+             f"deploy: {torch.get_num_threads()} threads for each runtime (torch intra-op, ONNX "
+             "Runtime intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS)"]
     if cfg.device.type != "cpu":
         notes.append(f"deploy: runs on the CPU whatever --device says ({cfg.device})")
     if os.environ.get("LD_PRELOAD"):
