@@ -21,7 +21,8 @@ a fixed-bases graph as written; a random-bases graph with its random node replac
 that is fed the uniform draw PyTorch also uses. The IR is verified with OpenVINO the same way
 (at f32 inference precision). A relative error (max |onnx - torch| / max |torch|) above
 ``--tolerance`` fails the export (exit 1) and leaves the written files in place for inspection.
-Problems with the options, the checkpoint or the environment are reported in one line, exit 2.
+Problems with the options, the checkpoint or the environment are reported in one line, exit 2;
+a failure of the exporter or of a runtime in one line, exit 1.
 """
 from __future__ import annotations
 
@@ -398,6 +399,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:  # an unwritable --out, a full disk
         print(f"segnext.export: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the exporter or a runtime failed: one line
+        lines = str(exc).strip().splitlines()
+        print(f"segnext.export: error: export or verification failed: {type(exc).__name__}: "
+              f"{lines[0] if lines else ''}", file=sys.stderr)
+        return 1
     errors = [e for e in (report.onnx_error, report.ir_error) if e is not None]
     if any(not (e <= args.tolerance) for e in errors):
         print(f"segnext.export: error: the exported model differs from PyTorch by more than "

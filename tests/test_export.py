@@ -194,3 +194,12 @@ def test_openvino_is_imported_without_its_usage_telemetry():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]
+
+
+def test_an_exporter_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported: aten::something\nlong traceback text")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    err = _one_line_error(capsys, ["--model", "t", "--ir", "no", "--size", "64", "64",
+                                   "--out", str(tmp_path / "x.onnx")], code=1)
+    assert "export or verification failed: RuntimeError: Unsupported: aten::something" in err
