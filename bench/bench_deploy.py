@@ -16,7 +16,8 @@ Every output is checked against the reference (eager NCHW) on the same image: th
 are fixed for the whole comparison, one (S, D, R) tensor drawn from a generator seeded with 0,
 passed to every PyTorch variant as ``model(img, bases=...)`` and stored in the exported graph as
 a constant (``segnext.export``'s fixed-bases mode). The weights are random (seeded) with a
-trained-like eval state (batch-norm statistics, layer scales), so that the folding is exercised.
+trained-like eval state (layer scales, norm parameters, batch-norm statistics measured on
+random images), so that the folding is exercised.
 
 Each case runs in a fresh subprocess, once per allocator state: glibc's defaults (``MALLOC_*``
 thresholds unset: large blocks come from fresh pages, page-faulted on every call) and
@@ -250,28 +251,39 @@ def _minflt() -> int:
 
 
 @torch.no_grad()
-def trained_like(model, seed: int):
-    """Random (seeded) eval state in a trained model's ranges: batch-norm statistics and
-    affine parameters, layer scales, group-norm affine parameters."""
+def trained_like(model, seed: int, side: int = 256):
+    """A random (seeded) eval state in a trained model's ranges: layer scales and norm affine
+    parameters drawn at random, then the batch-norm statistics measured on random images in
+    training mode, as training leaves them (random statistics would let the activations grow
+    block after block until they overflow, in SegNeXt-B)."""
+    import segnext_kernels as sk
     from torch import nn
+
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(t, lo, hi):
         t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=gen))
 
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
-            uniform(m.running_var, 0.5, 2.0)
-            uniform(m.weight, 0.5, 1.5)
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-        elif isinstance(m, nn.GroupNorm):
-            uniform(m.weight, 0.5, 1.5)
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                                          nn.GroupNorm))]
+    for m in norms:
+        uniform(m.weight, 0.5, 1.5)
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
     for name, p in model.named_parameters():
         if "layer_scale" in name:
             uniform(p, 0.05, 0.3)
-    return model
+    bns = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with sk.use_backend("reference"):
+        for _ in range(2):
+            model.backbone(torch.randn(2, 3, side, side, generator=gen))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return model.eval()
 
 
 class _Worker:
@@ -286,7 +298,8 @@ class _Worker:
         self.threads = spec["threads"]
         torch.manual_seed(spec["seed"])
         build = getattr(segnext, f"segnext_{spec['model']}")
-        self.model = trained_like(build(num_classes=NUM_CLASSES), spec["seed"]).eval()
+        self.model = trained_like(build(num_classes=NUM_CLASSES), spec["seed"],
+                                  side=min(spec["side"], 256))
         self.bases_sdr = fixed_bases(self.model, spec["seed"])
         self.bases = self.bases_sdr.repeat(1, 1, 1)  # batch 1
         side = spec["side"]
