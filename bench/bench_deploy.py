@@ -202,13 +202,18 @@ def _run_streaming(cmd: List[str], env: Dict[str, str], timeout: float,
                 sys.stderr.flush()
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    def stop():
         import signal
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop()
         code = None
+    except BaseException:  # Ctrl-C: its own session does not get the terminal's SIGINT
+        stop()
+        raise
     reader.join(timeout=5)
     return code, "".join(tail)
 
