@@ -72,12 +72,14 @@ VARIANTS = (
     ("openvino:default", "nchw", "-", "OpenVINO, default precision"),
 )
 COMPILED = ("compile", "compile:cpu")
-# Largest accepted max|out - ref| / max|ref|. float32 paths differ only in rounding. A bf16 path
-# (OpenVINO's default on bf16-capable CPUs) rounds activations to 8 mantissa bits, and the
-# NMF's 7 multiplicative iterations amplify that (SegNeXt-T 512², random weights: 0.2): its
-# bound only catches a broken graph; the error and the share of pixels whose class (argmax)
-# agrees with the reference are reported for every row.
-TOLERANCE = {"float32": 1e-3, "half": 0.5}
+# The check of each row's logits against the reference. float32 rows differ only in rounding:
+# max|out - ref| / max|ref| must stay below 1e-3. A bf16 row (OpenVINO's default on bf16-capable
+# CPUs) rounds activations to 8 mantissa bits, and the NMF's multiplicative iterations amplify
+# that (random weights: 0.1-0.6 at SegNeXt-T/B): it is held to a cosine similarity of 0.9 with
+# the reference, which a broken graph fails; its error and the share of pixels whose class
+# (argmax) agrees are reported like every row's.
+MAX_REL_ERR = 1e-3
+MIN_COSINE_HALF = 0.9
 TIMEOUT_S = {"smoke": 300, "quick": 900, "full": 1800}     # per worker (one case, one allocator)
 ROUNDS = {"smoke": (0.0, 2, 20.0), "quick": (10.0, 3, 60.0), "full": (40.0, 7, 300.0)}
 DEPLOY_EXTRA = "pip install -e .[deploy]"
@@ -394,13 +396,27 @@ class _Worker:
         raise ValueError(f"unknown deploy variant {name!r}")
 
 
-def compare_logits(out, ref: torch.Tensor) -> Tuple[float, float]:
-    """(max|out - ref| / max|ref|, share of pixels whose argmax class agrees)."""
+def compare_logits(out, ref: torch.Tensor) -> Dict[str, float]:
+    """max|out - ref| / max|ref|, the cosine similarity and the share of pixels whose argmax
+    class agrees."""
     from segnext.export import relative_error
 
     got = torch.as_tensor(out).float()
     err = relative_error(got, ref)  # checks the shape
-    return err, float((got.argmax(1) == ref.argmax(1)).float().mean())
+    cos = float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
+    agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    return dict(rel_err=err, cosine=cos, labels_agree=agree)
+
+
+def check_logits(got: Dict[str, float], precision: Optional[str]) -> None:
+    """Raise ValueError when ``compare_logits``'s answer fails the row's check."""
+    if precision in ("bf16", "f16"):
+        if not got["cosine"] >= MIN_COSINE_HALF:
+            raise ValueError(f"{precision} output differs from the reference: cosine "
+                             f"{got['cosine']:.3f} < {MIN_COSINE_HALF}")
+    elif not got["rel_err"] <= MAX_REL_ERR:
+        raise ValueError(f"output differs from the reference: max relative error "
+                         f"{got['rel_err']:.2e} > {MAX_REL_ERR:g}")
 
 
 def _counted(call, faults: list, n_images: int):
@@ -437,16 +453,11 @@ def worker_main(spec_path: str, out_path: str) -> int:
                 call = ctx.build(name, layout, row["extra"])
                 out = call(0)  # compiles, exports, allocates; the output is checked
                 row["first_call_s"] = time.perf_counter() - t0
-                err, agree = compare_logits(out, ctx.ref)
-                half = row["extra"].get("precision") in ("bf16", "f16")
-                tol = TOLERANCE["half" if half else "float32"]
-                row["extra"].update(rel_err=err, labels_agree=agree, tolerance=tol)
-                if not err <= tol:
-                    raise ValueError(f"output differs from the reference: max relative error "
-                                     f"{err:.2e} > {tol:g}")
+                row["extra"].update(compare_logits(out, ctx.ref))
+                check_logits(row["extra"], row["extra"].get("precision"))
                 del out
                 _progress(f"{name} {layout}: ready in {row['first_call_s']:.1f} s, max relative "
-                          f"error {err:.1e}")
+                          f"error {row['extra']['rel_err']:.1e}")
             except Exception as exc:  # noqa: BLE001 - a row fails, the case goes on
                 row["status"], row["reason"] = "failed", short_reason(exc)
                 _progress(f"{name} {layout}: failed: {row['reason']}")
@@ -543,8 +554,9 @@ def format_table(results, notes=()) -> str:
         lines.append(f"[{n}] {text}")
     lines.append("vs fused = this median / the fused median in the same allocator state "
                  "(>1: ours is faster); err vs ref = max|out - ref| / max|ref| against eager "
-                 "NCHW (worst of the states); labels same = pixels whose argmax class agrees; "
-                 "allocator states: "
+                 f"NCHW (worst of the states; float32 rows must stay below {MAX_REL_ERR:g}, "
+                 f"bf16 rows are held to a cosine similarity >= {MIN_COSINE_HALF}); labels same "
+                 "= pixels whose argmax class agrees; allocator states: "
                  + "; ".join(f"{s} = {ALLOCATOR_TITLES[s]}" for s in states))
     for n in notes:
         lines.append(f"note: {n}")

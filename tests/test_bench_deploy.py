@@ -133,3 +133,22 @@ def test_time_interleaved_rotates_the_order_and_times_every_call():
     assert order[:3] == ["a", "b", "c"]                       # warm-up round
     assert order[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert {k: v.reps for k, v in t.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_logit_checks_float32_bound_and_bf16_cosine():
+    import pytest
+    ref = torch.randn(1, 5, 8, 8)
+    close = ref + 1e-5 * torch.randn_like(ref)
+    got = bench_deploy.compare_logits(close.numpy(), ref)
+    assert got["rel_err"] < 1e-3 and got["cosine"] > 0.999 and got["labels_agree"] == 1.0
+    bench_deploy.check_logits(got, None)
+
+    rounded = ref + 0.2 * ref.abs().max() * torch.randn_like(ref) / 4  # bf16-like noise
+    got = bench_deploy.compare_logits(rounded, ref)
+    with pytest.raises(ValueError, match="max relative error"):
+        bench_deploy.check_logits(got, "f32")
+    bench_deploy.check_logits(got, "bf16")  # same function, lower precision: accepted
+
+    for broken in (torch.zeros_like(ref), torch.randn_like(ref)):
+        with pytest.raises(ValueError, match="cosine"):
+            bench_deploy.check_logits(bench_deploy.compare_logits(broken, ref), "bf16")
