@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .runner import LEVELS, Config, Progress, Runner, compile_filter, env_flag, selected
+from .runner import (LEVELS, OPT_IN_LEVELS, Config, Progress, Runner, compile_filter, env_flag,
+                     selected)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -50,7 +51,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="regex (or substring) matched against 'level/pass/variant/layout', "
                         "e.g. 'strip', 'fused', 'msca/fwd\\+bwd'")
     p.add_argument("--levels", default=None,
-                   help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(LEVELS + OPT_IN_LEVELS)} "
+                        f"(default: all but {','.join(OPT_IN_LEVELS)})")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write <DIR>/bench_<device>_<time>.{json,txt,png}")
     g = p.add_mutually_exclusive_group()
@@ -122,9 +124,10 @@ def make_config(args: argparse.Namespace) -> Config:
     levels = LEVELS
     if args.levels:
         levels = tuple(s.strip() for s in args.levels.split(",") if s.strip())
-        unknown = [lv for lv in levels if lv not in LEVELS]
+        unknown = [lv for lv in levels if lv not in LEVELS + OPT_IN_LEVELS]
         if unknown:
-            raise SystemExit(f"--levels: unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+            raise SystemExit(f"--levels: unknown level(s) {unknown}; choose from "
+                             f"{', '.join(LEVELS + OPT_IN_LEVELS)}")
     return Config(device=device, dtype=getattr(torch, dtype_name), size=size,
                   compile=compile_default if args.compile is None else args.compile,
                   compile_budget_s=120.0 if args.compile_budget is None else args.compile_budget,
@@ -134,8 +137,8 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
-    from . import (bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_patch,
-                   bench_strip_conv)
+    from . import (bench_block, bench_deploy, bench_mlp, bench_model, bench_msca, bench_nmf,
+                   bench_patch, bench_strip_conv)
 
     builders = {
         "strip": [bench_strip_conv.cases],
@@ -146,6 +149,7 @@ def build_cases(cfg: Config):
         "model": [bench_model.cases],
         "patch": [bench_patch.cases],
         "memory": [bench_msca.memory_cases, bench_model.memory_cases],
+        "deploy": [bench_deploy.cases],
     }
     out: Dict[str, tuple] = {}
     for level in cfg.levels:
