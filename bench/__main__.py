@@ -78,10 +78,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                 f"{args.compile_budget}")
     if args.levels is not None:
         levels = [s.strip() for s in args.levels.split(",") if s.strip()]
-        unknown = [lv for lv in levels if lv not in LEVELS]
+        unknown = [lv for lv in levels if lv not in LEVELS + OPT_IN_LEVELS]
         if unknown or not levels:
             p.error(f"--levels: unknown level(s) {unknown or [args.levels]}; choose from "
-                    f"{', '.join(LEVELS)}")
+                    f"{', '.join(LEVELS + OPT_IN_LEVELS)}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out must be a folder, but {args.out} is a file")
     if args.device is not None:

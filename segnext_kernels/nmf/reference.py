@@ -20,6 +20,8 @@ def draw_bases(batch: int, D: int, R: int, *, device, generator=None,
                dtype=torch.float32) -> Tensor:
     """Random bases (batch, D, R): uniform [0, 1), each column L2-normalised over D."""
     for name, n in (("batch", batch), ("D", D), ("R", R)):
+        if isinstance(n, torch.Tensor) and torch.jit.is_tracing():
+            continue  # sizes are traced tensors while exporting to ONNX
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be an int >= 1, got {n!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
