@@ -490,6 +490,47 @@ def test_model_without_segnext_modules_warns():
 
 
 @needs_mmseg
+def test_mmcv_lite_stand_in():
+    from segnext_kernels.mmseg.mmcv_lite import STUB_MARK, stub_mmcv_ops
+    stubbed = stub_mmcv_ops()
+    import mmcv.ops
+    if not stubbed:  # full mmcv with compiled ops: left alone
+        assert not getattr(mmcv.ops, STUB_MARK, False)
+        return
+    assert stub_mmcv_ops() is True and getattr(mmcv.ops, STUB_MARK)  # idempotent
+    with pytest.raises(ModuleNotFoundError, match="mmcv-lite has no compiled ops"):
+        from mmcv.ops import CrissCrossAttention  # noqa: F401  (mmseg's optional imports)
+    with pytest.raises(NotImplementedError, match="needs mmcv built with its compiled ops"):
+        mmcv.ops.point_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2))
+    assert not hasattr(mmcv.ops, "__path__")  # dunder probes get AttributeError, not a raise
+    import mmseg.models  # noqa: F401  (what the stand-in is for)
+
+
+@needs_mmseg
+def test_bench_patch_level_times_mmseg_segnext():
+    """``python -m bench --levels patch`` has mmseg's SegNeXt-T rows, as is and hooked."""
+    import segnext_kernels as sk
+    from bench import bench_patch
+    from bench.runner import Config
+    cfg = Config(device=torch.device("cpu"), dtype=torch.float32, size="smoke")
+    cases, notes = bench_patch.cases(cfg)
+    mm = [c for c in cases if c.shape.startswith("mmseg SegNeXt-T")]
+    assert [c.pass_ for c in mm] == ["infer", "train"]
+    assert any("SegNeXtKernelsHook" in n for n in notes)
+    for case in mm:
+        names = [v.name for v in case.variants]
+        assert names[0] == "eager" and case.variants[0].baseline
+        if sk.available_backends()["cpu"].available:
+            assert "fused:cpu" in names
+        for v in case.variants:
+            if v.skip is None:
+                out = v.make()()
+                assert torch.isfinite(out).all()
+    model, _ = bench_patch._mmseg_model("t", 64, cfg, train=False, patched=True)
+    assert sum(isinstance(m, (sk.MSCA, sk.FusedMlp, sk.NMF2D)) for m in model.modules()) == 27
+
+
+@needs_mmseg
 def test_distributed_launcher_two_processes(workspace, tmp_path):
     """torch.distributed.run (what mmseg's tools/dist_train.sh runs) with 2 CPU processes,
     launcher='pytorch', DDP over gloo: each rank swaps 27 modules inside the DDP wrapper and
