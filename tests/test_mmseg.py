@@ -324,7 +324,7 @@ def test_two_config_lines_swap_and_training_matches(trained):
 
 @needs_mmseg
 def test_val_loop_with_ema_matches(trained):
-    (_, e_rec, e_metrics), (f_runner, f_rec, f_metrics) = trained["eager"], trained["fused"]
+    (_, e_rec, _), (f_runner, f_rec, _) = trained["eager"], trained["fused"]
     # the val loop ran at the last iteration, on EMA weights swapped into the fused model
     assert len(f_rec.logits) == len(e_rec.logits) == N_IMAGES
     for got, want in zip(f_rec.logits, e_rec.logits):
