@@ -214,5 +214,7 @@ def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
     notes.append("patch: the official-layout SegNeXt (bench/official_segnext.py) as is ('eager') "
                  "and after segnext_kernels.patch(model) ('fused:<backend>': MSCA, MLP and "
                  "NMF2D swapped, nothing else)")
+    if cfg.size == "smoke":  # importing mmseg's models alone takes seconds; test_mmseg runs them
+        return out, list(dict.fromkeys(notes + ["patch: mmseg's SegNeXt not timed with --smoke"]))
     mm_cases, mm_notes = _mmseg_cases(cfg, backends)
     return out + mm_cases, list(dict.fromkeys(notes + mm_notes))
