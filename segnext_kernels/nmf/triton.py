@@ -81,8 +81,9 @@ loop-invariant address math is not hoisted (``disable_licm``: a pointer per elem
 would stay live). GPU tiles (``_gpu_block_sizes``), all at 8 warps: BLOCK_D × BLOCK_N = 64×64
 for BR ≤ 32, 32×32 for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at
 BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
-128 (two programs, 16 warps per SM) where the Triton's code fits it, else a version-dependent
-budget (``_triton_compat.nmf_max_registers``). BR = 128 takes up to ~200: 8 warps per SM.
+128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent backward;
+every kernel with triton 3.8: ``_triton_compat.nmf_max_registers``). BR = 128 takes up to ~200:
+8 warps per SM.
 
 Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
@@ -669,15 +670,17 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
 
 
-def _launch_options(BR: int) -> dict:
+def _launch_options(BR: int, persistent_backward: bool = False) -> dict:
     """GPU launch options, with the register budget pinned (``maxnreg``) rather than left to
     ptxas, which on its own caps some kernels at 64, 80 or 128 registers and spills a few bytes
     to fit more programs. 8 warps: at 4, the 64×64 tiles of BR = 16 spill at 128 registers. Up to
-    BR = 64 the budget depends on the Triton version (``_triton_compat``). BR = 128 takes ~200
-    and is left to ptxas (8 warps per SM)."""
+    BR = 64, 128 registers (two programs per SM) where the kernel fits them: the version-
+    dependent budget of ``_triton_compat``; the persistent backward (every reverse step and dX
+    in one program) takes ~150-160 on sm_80 and gets 168. BR = 128 takes ~200 and is left to
+    ptxas (8 warps per SM)."""
     opts = dict(num_warps=8, num_stages=1)
     if BR <= 64:
-        opts["maxnreg"] = _triton_compat.nmf_max_registers()
+        opts["maxnreg"] = 168 if persistent_backward else _triton_compat.nmf_max_registers()
     return opts
 
 
@@ -827,7 +830,8 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
                                   dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part,
                                   dg_part, scratch_part, dbases, dx, D, N, R, steps, nB, nC, nU,
                                   nDU, nS, eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
-                                  BLOCK_N=BLOCK_N, BR=BR, **opts)
+                                  BLOCK_N=BLOCK_N, BR=BR,
+                                  **_launch_options(BR, persistent_backward=True))
     else:
         for i in range(steps + 1 if unrolled else 1):
             k = steps + 1 - i
