@@ -100,9 +100,10 @@ def _resource_usage(cubin: bytes):
             int(re.search(r"STACK:(\d+)", usage).group(1)))
 
 
-def compile_launches(launches, arch: int, describe) -> list:
-    """Compile each distinct launch for sm_``arch``; one result dict per compiled kernel."""
-    results, seen = [], set()
+def compile_launches(launches, arch: int, describe):
+    """Compile each distinct launch for sm_``arch``; yields one result dict per compiled kernel,
+    as it is compiled."""
+    seen = set()
     for kernel, args, kwargs in launches:
         sig, const, attrs, options = specialise(kernel, args, kwargs)
         key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(const.items())),
@@ -121,8 +122,7 @@ def compile_launches(launches, arch: int, describe) -> list:
         else:
             res["smem"] = ck.metadata.shared
             res["regs"], res["stack"] = _resource_usage(ck.asm["cubin"])
-        results.append(res)
-    return results
+        yield res
 
 
 # --------------------------------------------------------------------------------------------
