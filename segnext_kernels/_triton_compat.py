@@ -56,6 +56,7 @@ def support_status(version: str | None = None) -> str:
 @functools.lru_cache(maxsize=None)
 def nmf_max_registers() -> int:
     """Register budget (``maxnreg``) of the NMF kernels up to padded rank 64, but the persistent
-    backward. 128 lets two 8-warp programs share an SM; the code triton 3.8 generates for some
-    of them needs up to ~140 on sm_80 and would spill at 128, so it gets 168 (one per SM)."""
-    return 168 if parse_version(installed_version() or "") == (3, 8) else 128
+    backward. 128 lets two 8-warp programs share an SM; the code triton 3.7 and 3.8 generate
+    for some of them needs up to ~140 on sm_80 and spilled at 128, so they get 168 (one per SM),
+    the budget checked with them."""
+    return 168 if parse_version(installed_version() or "") in ((3, 7), (3, 8)) else 128

@@ -81,9 +81,9 @@ loop-invariant address math is not hoisted (``disable_licm``: a pointer per elem
 would stay live). GPU tiles (``_gpu_block_sizes``), all at 8 warps: BLOCK_D × BLOCK_N = 64×64
 for BR ≤ 32, 32×32 for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at
 BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
-128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent backward;
-every kernel with triton 3.8: ``_triton_compat.nmf_max_registers``). BR = 128 takes up to ~200:
-8 warps per SM.
+128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent
+backward; every kernel with triton 3.7 and 3.8: ``_triton_compat.nmf_max_registers``). BR = 128
+takes up to ~200: 8 warps per SM.
 
 Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
