@@ -1,5 +1,6 @@
 """The supported Triton range: one declaration (segnext_kernels/_triton_compat.py) that
-pyproject.toml, requirements-dev.txt, the README and the CI matrix (tools/triton_matrix.sh) repeat."""
+pyproject.toml, requirements-dev.txt, the README and the CI matrix (tools/triton_matrix.sh)
+repeat."""
 import os
 import re
 
