@@ -11,18 +11,29 @@ result), the tables as text, and a PNG plot of the ratios when matplotlib is ins
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .runner import LEVELS, Config, Progress, Runner, compile_filter, env_flag, selected
+from .runner import (LEVELS, OPT_IN_LEVELS, Config, Progress, Runner, compile_filter, env_flag,
+                     selected)
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one line (``bench: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"bench: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The benchmark suite of segnext-kernels: fused MSCA / NMF2D kernels against "
                     "PyTorch eager and torch.compile, with each variant's share of the device's "
@@ -40,7 +51,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="regex (or substring) matched against 'level/pass/variant/layout/shape', "
                         "e.g. 'strip', 'fused', 'msca/fwd\\+bwd', 'model/train/.*/cl/SegNeXt-T'")
     p.add_argument("--levels", default=None,
-                   help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(LEVELS + OPT_IN_LEVELS)} "
+                        f"(default: all but {','.join(OPT_IN_LEVELS)})")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write <DIR>/bench_<device>_<time>.{json,txt,png}")
     g = p.add_mutually_exclusive_group()
@@ -57,16 +69,51 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="op shapes of the msca, mlp and block levels: the default few, or "
                         "'segnext': every stage of SegNeXt-T, -S and -B at 512x512, batch 1")
     p.add_argument("--list", action="store_true", help="list the cases and variants, run nothing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.compile_budget is not None and not (math.isfinite(args.compile_budget)
+                                                and args.compile_budget >= 0):
+        p.error(f"--compile-budget must be a finite number of seconds >= 0, got "
+                f"{args.compile_budget}")
+    if args.levels is not None:
+        levels = [s.strip() for s in args.levels.split(",") if s.strip()]
+        unknown = [lv for lv in levels if lv not in LEVELS + OPT_IN_LEVELS]
+        if unknown or not levels:
+            p.error(f"--levels: unknown level(s) {unknown or [args.levels]}; choose from "
+                    f"{', '.join(LEVELS + OPT_IN_LEVELS)}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out must be a folder, but {args.out} is a file")
+    if args.device is not None:
+        problem = device_problem(args.device)
+        if problem:
+            p.error(problem)
+    return args
+
+
+def device_problem(name: str) -> Optional[str]:
+    """Why ``--device name`` cannot run here (None when it can)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return f"--device must be cpu, cuda or cuda:N, got {name!r}"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device must be cpu, cuda or cuda:N, got {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU is visible to torch"
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        return f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible"
+    return None
 
 
 def make_config(args: argparse.Namespace) -> Config:
     import torch
 
     if args.device:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+        device = torch.device(args.device)  # checked by parse_args
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is not None:
@@ -77,9 +124,10 @@ def make_config(args: argparse.Namespace) -> Config:
     levels = LEVELS
     if args.levels:
         levels = tuple(s.strip() for s in args.levels.split(",") if s.strip())
-        unknown = [lv for lv in levels if lv not in LEVELS]
+        unknown = [lv for lv in levels if lv not in LEVELS + OPT_IN_LEVELS]
         if unknown:
-            raise SystemExit(f"--levels: unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+            raise SystemExit(f"--levels: unknown level(s) {unknown}; choose from "
+                             f"{', '.join(LEVELS + OPT_IN_LEVELS)}")
     return Config(device=device, dtype=getattr(torch, dtype_name), size=size,
                   compile=compile_default if args.compile is None else args.compile,
                   compile_budget_s=120.0 if args.compile_budget is None else args.compile_budget,
@@ -89,8 +137,8 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
-    from . import (bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_patch,
-                   bench_strip_conv)
+    from . import (bench_block, bench_deploy, bench_mlp, bench_model, bench_msca, bench_nmf,
+                   bench_patch, bench_strip_conv)
 
     builders = {
         "strip": [bench_strip_conv.cases],
@@ -101,6 +149,7 @@ def build_cases(cfg: Config):
         "model": [bench_model.cases],
         "patch": [bench_patch.cases],
         "memory": [bench_msca.memory_cases, bench_model.memory_cases],
+        "deploy": [bench_deploy.cases],
     }
     out: Dict[str, tuple] = {}
     for level in cfg.levels:
@@ -126,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     threads_before = torch.get_num_threads()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return run(args, argv)

@@ -23,6 +23,7 @@ LEVEL_TITLES = {
     "block": "one MSCAN block",
     "model": "SegNeXt, inference and training step",
     "memory": "bytes saved for backward; peak of a training step",
+    "deploy": "SegNeXt CPU inference against deployment runtimes",
 }
 
 LEGEND = ("vs eager = eager time in the same layout / this time (>1: faster; memory: smaller); "
@@ -151,6 +152,9 @@ def _row(r: Result, cuda: bool) -> tuple:
 
 
 def format_table(level: str, results: List[Result], cuda: bool, notes: List[str] = ()) -> str:
+    if level == "deploy":  # its own layout: the allocator states side by side
+        from .bench_deploy import format_table as deploy_table
+        return deploy_table(results, notes)
     bytes_metric = any(r.metric == "bytes" for r in results)
     header = ["pass", "shape", "dtype", "variant", "layout"]
     if bytes_metric:

@@ -2,15 +2,19 @@
 
 Ceilings, measured once at the start of a run (datasheet clocks are not trusted):
 - memory bandwidth: a large tensor copy, counting bytes read plus bytes written;
-- FMA rate: on CUDA a Triton kernel that runs independent chains of fp32 FMAs in registers
-  (the CUDA-core rate that depthwise arithmetic runs at); on CPU a large sgemm ("GEMM peak": the
-  vectorised FMA rate oneDNN reaches), which is also the CPU's GEMM ceiling;
-- GEMM rate per dtype: a large matmul (tensor cores on CUDA for fp16/bf16, TF32 for fp32),
-  the rate a dense 1x1 conv or a bmm can reach.
+- FMA rate: the fp32 FMA peak of the cores, from a kernel that runs independent chains of FMAs
+  in registers: on CUDA a Triton kernel (the CUDA-core rate depthwise arithmetic runs at); on
+  CPU a small C kernel with AVX-512 / AVX2 chains on every thread (``cpu_peak``), stated next
+  to the peak computed from the ISA and the clock (cores x FMA pipes x lanes x 2 x GHz);
+- GEMM rate per dtype: a large matmul (tensor cores on CUDA for fp16/bf16, TF32 for fp32;
+  oneDNN's sgemm on CPU), the rate a dense 1x1 conv or a bmm reaches in practice.
 
-A floor is ``max(bytes / bandwidth, fma_flops / fma_rate + gemm_flops / gemm_rate)``: each input
-read once, each output written once, the nominal arithmetic done once (no halo recompute). The
-achieved fraction of it is ``floor / measured``. FLOPs count an FMA as 2.
+A floor is ``max(bytes / bandwidth, fma_flops / fma_rate + gemm_flops / max(gemm_rate,
+fma_rate))``: each input read once, each output written once, the nominal arithmetic done once
+(no halo recompute), at the hardware's peak (GEMM arithmetic is FMAs too, so it is bounded by
+the faster of the two rates; on a CPU the sgemm rate is below the FMA peak). The achieved
+fraction of it is ``floor / measured``, at most 100% except where data stays in cache. FLOPs
+count an FMA as 2.
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ class Ceilings:
     fma_method: str = ""
     gemm_flops: Dict[str, float] = field(default_factory=dict)   # dtype name -> FLOP/s
     gemm_method: Dict[str, str] = field(default_factory=dict)
+    fma_peak_computed: Optional[float] = None    # CPU: cores x pipes x lanes x 2 x clock
+    fma_peak_computed_method: str = ""
+    fma_flop_per_cycle: Optional[float] = None   # CPU: cores x pipes x lanes x 2
+    clock_ghz_measured: Optional[float] = None   # CPU: dependent add chain on one core
     errors: Dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -45,9 +53,23 @@ class Ceilings:
             lines.append(f"memory bandwidth {self.bandwidth_Bps / 1e9:.1f} GB/s "
                          f"({self.bandwidth_method})")
         if self.fma_flops:
-            lines.append(f"FMA rate {self.fma_flops / 1e9:.0f} GFLOP/s ({self.fma_method})")
+            lines.append(f"FMA rate {self.fma_flops / 1e9:.0f} GFLOP/s ({self.fma_method}); "
+                         "the floors' compute ceiling")
+        if self.fma_peak_computed_method:
+            value = (f"{self.fma_peak_computed / 1e9:.0f} GFLOP/s = " if self.fma_peak_computed
+                     else "")
+            lines.append(f"FMA peak from ISA and clock: {value}{self.fma_peak_computed_method}")
+        if self.clock_ghz_measured:
+            at = (f"; at this clock the ISA peak is "
+                  f"{self.fma_flop_per_cycle * self.clock_ghz_measured:.0f} GFLOP/s"
+                  if self.fma_flop_per_cycle else "")
+            lines.append(f"clock measured {self.clock_ghz_measured:.2f} GHz (chain of dependent "
+                         f"integer adds on one core, best of short runs){at}")
         for dt, rate in self.gemm_flops.items():
-            lines.append(f"GEMM rate {dt} {rate / 1e9:.0f} GFLOP/s ({self.gemm_method.get(dt, '')})")
+            share = (f", {rate / self.fma_flops:.0%} of the FMA rate"
+                     if self.fma_flops and dt == "float32" else "")
+            lines.append(f"GEMM rate {dt} {rate / 1e9:.0f} GFLOP/s "
+                         f"({self.gemm_method.get(dt, '')}{share})")
         for what, err in self.errors.items():
             lines.append(f"{what}: not measured ({err})")
         return lines
@@ -72,6 +94,7 @@ def floor(cost: Cost, ceil: Ceilings) -> Optional[dict]:
     t_mem = cost.bytes / ceil.bandwidth_Bps
     t_fma = cost.fma_flops / ceil.fma_flops if (cost.fma_flops and ceil.fma_flops) else 0.0
     gemm_rate = ceil.gemm_flops.get(cost.gemm_dtype) or ceil.gemm_flops.get("float32")
+    gemm_rate = max(gemm_rate or 0.0, ceil.fma_flops or 0.0)  # GEMMs run on the FMA units too
     t_gemm = cost.gemm_flops / gemm_rate if (cost.gemm_flops and gemm_rate) else 0.0
     t_compute = t_fma + t_gemm
     bound = "mem" if t_mem >= t_compute else "compute"
@@ -317,8 +340,35 @@ def measure_ceilings(device: torch.device, dtypes, size: str, interpret: bool = 
             ceil.fma_flops = ceil.gemm_flops["float32"]
             ceil.fma_method = "fallback: " + ceil.gemm_method["float32"]
     else:
-        if "float32" in ceil.gemm_flops:
-            ceil.fma_flops = ceil.gemm_flops["float32"]
-            # No separate FMA kernel on CPU: oneDNN's sgemm is the vectorised FMA peak
-            ceil.fma_method = f"GEMM peak (sgemm, {ceil.gemm_method['float32']})"
+        _cpu_fma_peak(ceil, size)
     return ceil
+
+
+def _cpu_fma_peak(ceil: Ceilings, size: str) -> None:
+    """The measured FMA peak on every thread the bench uses, and the peak computed from the ISA
+    and the clock; the floors use the measured one (else the computed one, else sgemm)."""
+    from . import cpu_peak
+
+    threads = torch.get_num_threads()
+    repeats = {"smoke": 50, "quick": 100, "full": 200}[size]
+    try:
+        peak = cpu_peak.measure_fma_peak(threads, repeats=repeats)
+        ceil.fma_flops, ceil.fma_method = peak.flops, peak.describe()
+    except Exception as exc:  # noqa: BLE001 - no compiler, a sandbox without ctypes...
+        ceil.errors["fma (register-resident loop)"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ceil.clock_ghz_measured = cpu_peak.measure_clock_ghz(repeats=repeats)
+    except Exception as exc:  # noqa: BLE001
+        ceil.errors["clock"] = f"{type(exc).__name__}: {exc}"
+    computed = cpu_peak.computed_fma_peak(threads)
+    ceil.fma_peak_computed = computed.flops
+    ceil.fma_peak_computed_method = computed.describe()
+    if computed.pipes:
+        ceil.fma_flop_per_cycle = float(computed.cores * computed.pipes * computed.lanes * 2)
+    if not ceil.fma_flops and computed.flops:
+        ceil.fma_flops = computed.flops
+        ceil.fma_method = "computed from ISA and clock (the FMA loop could not run)"
+    if not ceil.fma_flops and "float32" in ceil.gemm_flops:
+        # Last resort, below the true peak: floors then overstate the achieved fraction
+        ceil.fma_flops = ceil.gemm_flops["float32"]
+        ceil.fma_method = f"fallback: GEMM peak (sgemm, {ceil.gemm_method['float32']})"

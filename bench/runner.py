@@ -22,6 +22,9 @@ from .timing import (Timing, format_time, time_cpu, time_cuda_events, time_cuda_
                      time_do_bench)
 
 LEVELS = ("strip", "msca", "mlp", "nmf", "block", "model", "patch", "memory")
+# Levels that run only when named in --levels: each case runs in subprocesses, exports and
+# compiles whole models (minutes).
+OPT_IN_LEVELS = ("deploy",)
 SIZES = ("smoke", "quick", "full")
 
 
@@ -87,6 +90,19 @@ class Case:
     metric: str = "time"               # "time" or "bytes"
     timer: str = "kernel"              # "kernel" (do_bench on CUDA) or "step" (CUDA events)
     unit_bytes: Optional[int] = None   # bytes of the op's input (memory level: "x u" column)
+    # A case that builds and times its variants itself (e.g. interleaved, in a subprocess):
+    # measure(cfg, variants) returns one Measured per variant, in order.
+    measure: Optional[Callable[[Config, List["Variant"]], List["Measured"]]] = None
+
+
+@dataclass
+class Measured:
+    """What a case's own ``measure`` found for one variant."""
+    status: str                        # "ok", "failed", "skipped"
+    reason: str = ""
+    timing: Optional[Timing] = None
+    first_call_s: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -235,6 +251,8 @@ class Runner:
         self.compile_spent = 0.0
 
     def run_case(self, case: Case) -> List[Result]:
+        if case.measure is not None:
+            return self._run_measured(case)
         results = []
         for v in case.variants:
             if not selected(self.cfg, case, v):
@@ -251,6 +269,36 @@ class Runner:
         try:
             compare(case, results, self.ceil)
         except Exception as exc:  # noqa: BLE001 - ratios are extras: keep the timings
+            for r in results:
+                r.extra["compare_error"] = short_reason(exc)
+        return results
+
+    def _run_measured(self, case: Case) -> List[Result]:
+        chosen = [v for v in case.variants if selected(self.cfg, case, v)]
+        runnable = [v for v in chosen if not v.skip]
+        label = f"{case.level} {case.pass_} {case.shape}"
+        self.progress.start(f"{label} ({len(runnable)} variants)")
+        outcomes: Dict[int, Measured] = {}
+        if runnable:
+            try:
+                got = case.measure(self.cfg, runnable)
+                if len(got) != len(runnable):
+                    raise RuntimeError(f"measure returned {len(got)} outcomes for "
+                                       f"{len(runnable)} variants")
+            except Exception as exc:  # noqa: BLE001 - one case must not stop the suite
+                got = [Measured("failed", short_reason(exc)) for _ in runnable]
+            outcomes = {id(v): m for v, m in zip(runnable, got)}
+        results = []
+        for v in chosen:
+            m = outcomes.get(id(v)) or Measured("skipped", v.skip or "not run")
+            r = self._new_result(case, v, m.status, m.reason)
+            r.timing = m.timing if m.status == "ok" else None
+            r.first_call_s, r.extra = m.first_call_s, dict(m.extra)
+            results.append(r)
+            self.progress.done(f"{label} {v.name} {v.layout}", summarize(r))
+        try:
+            compare(case, results, self.ceil)
+        except Exception as exc:  # noqa: BLE001
             for r in results:
                 r.extra["compare_error"] = short_reason(exc)
         return results

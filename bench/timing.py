@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 
 @dataclass
@@ -84,6 +84,36 @@ def time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int = 3,
         samples.append(dt)
         total += dt
     return _from_samples(samples, "perf_counter")
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], budget_s: float, min_rounds: int = 3,
+                     max_rounds: int = 1000, max_total_s: float = float("inf"),
+                     warmup_rounds: int = 1) -> Dict[str, Timing]:
+    """Medians of calls made in rounds: each round calls every function once, the order rotated
+    by one each round, so that slow drifts of the machine (other load, clock, heap state) touch
+    every variant alike. Rounds go on until ``budget_s`` of timed calls and ``min_rounds`` are
+    done, at most ``max_rounds``, and stop after ``max_total_s`` once 3 rounds are done."""
+    keys = list(fns)
+    samples: Dict[str, list] = {k: [] for k in keys}
+    for _ in range(warmup_rounds):
+        for k in keys:
+            fns[k]()
+    total, rounds = 0.0, 0
+    while keys and rounds < max_rounds:
+        if rounds >= min_rounds and total >= budget_s:
+            break
+        if rounds >= 3 and total >= max_total_s:
+            break
+        shift = rounds % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t0 = time.perf_counter()
+            fns[k]()
+            dt = time.perf_counter() - t0
+            samples[k].append(dt)
+            total += dt
+        rounds += 1
+    return {k: _from_samples(v, f"perf_counter, interleaved rounds ({rounds})")
+            for k, v in samples.items() if v}
 
 
 def _quantiles(result) -> tuple:

@@ -24,9 +24,18 @@ unexpected and shape-mismatched key, before anything is copied into the model. W
 ``strict=False`` the matching entries are loaded and the rest is reported in the returned
 ``LoadResult``. A missing BN ``num_batches_tracked`` (pre-1.0 PyTorch checkpoints) is not an
 error: PyTorch sets it to 0.
+
+Whatever ``strict`` says, a checkpoint that cannot be right is refused with a ``ValueError`` (or
+``TypeError``) naming the entry, before anything is copied, so that the model is untouched:
+a file that is not a PyTorch checkpoint (empty, text, damaged), wrappers nested more than
+``MAX_NESTING`` deep or referring to themselves, two entries that land on the same model key,
+and entries to be loaded that are not dense tensors with data (meta, sparse, quantized), are
+complex, do not match the kind of the model's entry (a floating-point weight from an integer or
+bool tensor) or hold NaN or infinity.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections import OrderedDict
@@ -40,6 +49,9 @@ FAMILIES = ("original", "mmseg")
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
 _WRAPPER_KEYS = ("state_dict", "model")
 _DDP_PREFIX = "module."
+# Wrapper levels followed to find the weights: {"state_dict": ...} (mmcv/mmengine) and
+# {"model": ...}, possibly one inside the other; deeper nesting is not a checkpoint layout.
+MAX_NESTING = 4
 Shape = Tuple[int, ...]
 
 # The one key difference between the families (§5.3), anchored so that it also matches
@@ -97,36 +109,70 @@ def convert_state_dict(state_dict: Mapping[str, Any],
     all values are kept as they are; works with and without the ``backbone.`` prefix."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
     return OrderedDict((_rename(k, family), v) for k, v in state_dict.items())
+
+
+def _describe(checkpoint) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else repr(checkpoint)
 
 
 def _read(checkpoint, weights_only: bool) -> Mapping:
     if isinstance(checkpoint, Mapping):
         return checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)) and not hasattr(checkpoint, "read"):
+        raise TypeError(f"checkpoint must be a path, a file object or a mapping of names to "
+                        f"tensors, got {type(checkpoint).__name__}")
+    name = _describe(checkpoint)
     try:
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+    except OSError:
+        raise  # missing file, a folder, no permission: the OS's message names the path
+    except EOFError:
+        raise ValueError(f"cannot read checkpoint {name}: the file is empty or cut short") from None
     except pickle.UnpicklingError as exc:
-        if not weights_only:
-            raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"torch.load(weights_only=True) refused {checkpoint!r}: it holds objects other than "
-            f"tensors and plain containers (e.g. the meta or optimizer state of an mmengine "
-            f"training checkpoint). If you trust the file, pass weights_only=False. "
-            f"({first_line})") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "WeightsUnpickler error" in line),
+                      lines[0] if lines else type(exc).__name__)
+        if weights_only and "Unsupported global" in detail:
+            raise ValueError(
+                f"torch.load(weights_only=True) refused {name}: it holds objects other than "
+                f"tensors and plain containers (e.g. the meta or optimizer state of an mmengine "
+                f"training checkpoint). If you trust the file, pass weights_only=False. "
+                f"({detail})") from None
+        raise ValueError(f"cannot read checkpoint {name}: not a PyTorch checkpoint, or a "
+                         f"damaged one ({detail})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise ValueError(f"cannot read checkpoint {name}: not a PyTorch checkpoint, or a "
+                         f"damaged one ({detail})") from None
     if not isinstance(loaded, Mapping):
-        raise TypeError(f"{checkpoint!r} holds a {type(loaded).__name__}, expected a state_dict "
+        raise TypeError(f"{name} holds a {type(loaded).__name__}, expected a state_dict "
                         "(a mapping of names to tensors)")
     return loaded
 
 
 def _unwrap(ckpt: Mapping) -> Mapping:
     """The weights of an mmcv/mmengine-style checkpoint (``{"state_dict": ..., "meta": ...}``)."""
+    path, seen = [], {id(ckpt)}
     while True:
-        inner = next((ckpt[k] for k in _WRAPPER_KEYS
-                      if k in ckpt and isinstance(ckpt[k], Mapping)), None)
-        if inner is None:
+        key = next((k for k in _WRAPPER_KEYS if k in ckpt and isinstance(ckpt[k], Mapping)),
+                   None)
+        if key is None:
             return ckpt
+        path.append(repr(key))
+        inner = ckpt[key]
+        if id(inner) in seen:
+            raise ValueError(f"the checkpoint's container at [{']['.join(path)}] refers to "
+                             "itself (or to a container around it); expected a state_dict")
+        if len(path) > MAX_NESTING:
+            raise ValueError(f"the checkpoint nests its weights more than {MAX_NESTING} levels "
+                             f"deep ([{']['.join(path)}]...); expected a state_dict, possibly "
+                             "under 'state_dict' or 'model'")
+        seen.add(id(inner))
         ckpt = inner
 
 
@@ -138,10 +184,36 @@ def _plain_state_dict(ckpt: Mapping) -> "OrderedDict[str, torch.Tensor]":
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor; "
                             "expected a state_dict (possibly under 'state_dict' or 'model')")
-        if key.startswith(_DDP_PREFIX):
-            key = key[len(_DDP_PREFIX):]
-        state[key] = value
+        name = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
+        if name in state:
+            raise ValueError(f"checkpoint entries {name!r} and {_DDP_PREFIX + name!r} name the "
+                             "same weight; expected one of them")
+        state[name] = value
     return state
+
+
+def _check_entry(key: str, value: torch.Tensor, expected: torch.Tensor) -> None:
+    """Refuse an entry that cannot be copied into ``expected`` faithfully."""
+    if value.is_meta or value.layout != torch.strided or value.is_quantized:
+        what = "on the meta device (no data)" if value.is_meta else \
+            f"a {'quantized' if value.is_quantized else str(value.layout)} tensor"
+        raise ValueError(f"checkpoint entry {key!r} is {what}; expected a dense tensor "
+                         "with data")
+    if value.is_complex():
+        raise TypeError(f"checkpoint entry {key!r} is complex ({value.dtype}); expected "
+                        f"{expected.dtype} (a real tensor: the imaginary part would be lost)")
+    if expected.is_floating_point() and not value.is_floating_point():
+        raise TypeError(f"checkpoint entry {key!r} is {value.dtype}; expected a floating-point "
+                        f"tensor ({expected.dtype})")
+    if not expected.is_floating_point() and (value.is_floating_point() or
+                                             value.dtype == torch.bool):
+        raise TypeError(f"checkpoint entry {key!r} is {value.dtype}; expected an integer "
+                        f"tensor ({expected.dtype})")
+
+
+def _non_finite(entries: Mapping[str, torch.Tensor]) -> List[str]:
+    return [k for k, v in entries.items()
+            if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
 
 
 def _select_target(model: nn.Module, state: "OrderedDict[str, torch.Tensor]"):
@@ -158,7 +230,11 @@ def _select_target(model: nn.Module, state: "OrderedDict[str, torch.Tensor]"):
     entries, ignored = OrderedDict(), []
     for key, value in state.items():
         if key.startswith("backbone."):
-            entries[key[len("backbone."):]] = value
+            name = key[len("backbone."):]
+            if name in state:
+                raise ValueError(f"checkpoint entries {name!r} and {key!r} name the same "
+                                 "backbone weight; expected one of them")
+            entries[name] = value
         elif key.startswith(HEAD_PREFIXES):
             ignored.append(key)
         else:
@@ -195,13 +271,27 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True, *,
     ``strict`` checks. Returns a ``LoadResult``; with ``strict`` raises
     ``CheckpointMismatchError`` listing the offending keys, leaving the model untouched.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, flag in (("strict", strict), ("weights_only", weights_only)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     state = _plain_state_dict(_read(checkpoint, weights_only))
     family = key_family(state)
     target, target_name, entries, ignored = _select_target(model, state)
 
     expected = target.state_dict()
     model_family = key_family(expected) or "original"
-    entries = convert_state_dict(entries, model_family)
+    renamed = convert_state_dict(entries, model_family)
+    if len(renamed) < len(entries):
+        seen = {}
+        for key in entries:
+            other = seen.setdefault(_rename(key, model_family), key)
+            if other != key:
+                raise ValueError(f"checkpoint entries {other!r} and {key!r} name the same "
+                                 "weight (the original and mmseg key families mixed); expected "
+                                 "one of them")
+    entries = renamed
 
     result = LoadResult(target=target_name, key_family=family, ignored_keys=ignored)
     result.missing_keys = [k for k in expected
@@ -216,5 +306,12 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True, *,
     mismatched = {k for k, _, _ in result.mismatched_keys}
     loadable = OrderedDict((k, v) for k, v in entries.items()
                            if k in expected and k not in mismatched)
+    for key, value in loadable.items():
+        _check_entry(key, value, expected[key])
+    bad = _non_finite(loadable)
+    if bad:
+        raise ValueError(f"checkpoint entries hold NaN or infinity ({len(bad)}: "
+                         f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+                         "the weights are broken (a diverged training?)")
     target.load_state_dict(loadable, strict=False)
     return result

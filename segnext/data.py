@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ._validate import check_int, check_ints, check_real
+
 # The official normalisation (RGB order, 0-255 scale) and ignore label (§6.1).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -40,6 +42,11 @@ ADE20K_CLASSES = 150
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Size = Tuple[int, int]
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be used: unreadable, image and annotation of different sizes,
+    labels outside the classes."""
 
 
 def derive_seed(*parts) -> int:
@@ -103,6 +110,16 @@ def prepare_test_image(image: torch.Tensor, scale: Optional[Sequence[int]] = (20
     """The official test pipeline of one (3, H, W) 0-255 image: keep-ratio resize to fit
     ``scale`` (None keeps the size), then resize up to a multiple of ``size_divisor`` (None
     skips it), then normalise."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or \
+            image.numel() == 0:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a non-empty (3, H, W) tensor, got {got}")
+    if scale is not None and (len(scale) != 2 or min(scale) < 1):
+        raise ValueError(f"scale must be two sizes >= 1 (or None), got {tuple(scale)!r}")
+    if size_divisor is not None and (isinstance(size_divisor, bool) or
+                                     not isinstance(size_divisor, int) or size_divisor < 0):
+        raise ValueError(f"size_divisor must be an int >= 1 (0 or None: no rounding), got "
+                         f"{size_divisor!r}")
     height, width = image.shape[-2:]
     if scale is not None:
         height, width = rescale_size(height, width, scale)
@@ -220,14 +237,68 @@ def _pil():
     return Image
 
 
+# Pillow's high-depth modes and their full scale. Pillow reads 16-bit grey PNG/TIFF as "I;16*"
+# (0-65535), and 16-bit grey PNG (older Pillow) or PGM of any maxval as "I" rescaled to
+# 0-65535; 16-bit RGB(A) it reduces to 8 bits itself. Float images ("F") hold [0, 1] by
+# convention. A 32-bit integer image ("I" from TIFF and the like) has no agreed full scale.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+
+
+def image_mode_problem(img) -> Optional[str]:
+    """Why ``read_image`` cannot bring this opened Pillow image to the 8-bit scale, from its
+    header alone (None when it can; a float image's values are checked when it is read)."""
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "F":
+        return None
+    if mode == "I":
+        if img.format in _SIXTEEN_BIT_I_FORMATS:
+            return None
+        return (f"a 32-bit integer image (Pillow mode I, {img.format or 'unknown'} format) has "
+                "no standard full scale; save it with 8 or 16 bits per channel")
+    if mode.startswith(("I;", "F;")):
+        return f"Pillow mode {mode} is not supported; save the image with 8 or 16 bits per channel"
+    return None
+
+
 def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor. Raises FileNotFoundError, or
-    PIL.UnidentifiedImageError for a file that is not an image."""
+    """An image file as a uint8 (3, H, W) RGB tensor on the 8-bit scale the model expects.
+
+    8-bit images (grey, palette, RGB, RGBA, CMYK, ...) are converted to RGB (alpha dropped);
+    16-bit grey images are scaled by 255/65535 (16-bit RGB Pillow reads as 8-bit); float images
+    must hold finite values in [0, 1] and are scaled by 255; grey is repeated over R, G, B.
+    Raises FileNotFoundError, PIL.UnidentifiedImageError for a file that is not an image, and
+    ValueError for an image that cannot be brought to the 8-bit scale (``image_mode_problem``,
+    a float image outside [0, 1]).
+    """
     Image = _pil()
     with Image.open(path) as img:
+        problem = image_mode_problem(img)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+            grey = torch.from_numpy(_as_float64(img))
+            if img.mode == "F":
+                finite = grey[torch.isfinite(grey)]
+                if finite.numel() < grey.numel() or (finite.numel() and (
+                        float(finite.min()) < 0.0 or float(finite.max()) > 1.0)):
+                    span = (f"[{float(finite.min()):g}, {float(finite.max()):g}]"
+                            if finite.numel() else "no finite value")
+                    nonfinite = " and NaN or infinity" if finite.numel() < grey.numel() else ""
+                    raise ValueError(f"{path}: a float image must hold values in [0, 1], "
+                                     f"got {span}{nonfinite}")
+                scaled = grey * 255.0
+            else:
+                scaled = grey * (255.0 / 65535.0)
+            return scaled.round().clamp(0, 255).to(torch.uint8).expand(3, -1, -1).contiguous()
         rgb = img.convert("RGB")
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+
+
+def _as_float64(img):
+    import numpy as np  # Pillow's buffer protocol gives the right dtype and byte order
+    return np.asarray(img).astype(np.float64)
 
 
 def read_label(path: Union[str, os.PathLike]) -> torch.Tensor:
@@ -301,13 +372,19 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, num_classes: int = 8, size: Union[int, Size] = 128, length: int = 2000,
                  seed: int = 0, split: str = "train"):
-        if num_classes < 2:
-            raise ValueError(f"the synthetic data needs num_classes >= 2 (background and at "
-                             f"least one shape class), got {num_classes}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or \
+                not 2 <= num_classes <= IGNORE_INDEX:
+            raise ValueError(f"the synthetic data needs num_classes in [2, {IGNORE_INDEX}] "
+                             f"(background, at least one shape class, and no class "
+                             f"{IGNORE_INDEX}: that label marks ignored pixels), got "
+                             f"{num_classes!r}")
+        check_int("length", length, 1)
+        check_int("seed", seed, 0)
+        size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+        if len(check_ints("size", size, 1)) != 2:
+            raise ValueError(f"size must be an int or (height, width), got {size!r}")
         self.num_classes = num_classes
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = tuple(size)
         self.length = length
         self.seed = seed
         self.split = split
@@ -402,9 +479,20 @@ class ADE20K(Dataset):
                  crop_size: Union[int, Size] = 512, scale: Size = (2048, 512),
                  ratio_range: Tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
                  test_size_divisor: int = 32):
+        crop_size = (crop_size, crop_size) if isinstance(crop_size, int) and \
+            not isinstance(crop_size, bool) else crop_size
+        for name, pair in (("crop_size", crop_size), ("scale", scale)):
+            if len(check_ints(name, pair, 1)) != 2:
+                raise ValueError(f"{name} must be (height, width), got {pair!r}")
+        if len(ratio_range) != 2 or check_real("ratio_range", ratio_range[0], 1e-3, 1e3) > \
+                check_real("ratio_range", ratio_range[1], 1e-3, 1e3):
+            raise ValueError(f"ratio_range must be (low, high) with low <= high, got "
+                             f"{tuple(ratio_range)!r}")
+        check_real("cat_max_ratio", cat_max_ratio, 0.0, 1.0)
+        check_int("test_size_divisor", test_size_divisor, 0)
         self.root = Path(root)
         self.split = split
-        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.crop_size = tuple(crop_size)
         self.scale = tuple(scale)
         self.ratio_range = tuple(ratio_range)
         self.cat_max_ratio = cat_max_ratio
@@ -419,7 +507,8 @@ class ADE20K(Dataset):
                 raise FileNotFoundError(f"ADE20K folder not found: {folder} (expected "
                                         f"images/{self.split} and annotations/{self.split} "
                                         f"under {self.root})")
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in image_dir.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise FileNotFoundError(f"no images (*.jpg, *.png) in {image_dir}")
         samples = []
@@ -435,10 +524,17 @@ class ADE20K(Dataset):
 
     def _read(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
-        image, label = read_image(image_path), reduce_zero_label(read_label(label_path))
+        try:
+            image, label = read_image(image_path), reduce_zero_label(read_label(label_path))
+        except (OSError, ValueError) as exc:  # Pillow's UnidentifiedImageError is an OSError
+            raise DataError(f"ADE20K sample {image_path.name}: {exc}") from None
         if image.shape[-2:] != label.shape:
-            raise ValueError(f"{image_path.name}: image {tuple(image.shape[-2:])} and "
-                             f"annotation {tuple(label.shape)} differ in size")
+            raise DataError(f"{image_path.name}: image {tuple(image.shape[-2:])} and "
+                            f"annotation {tuple(label.shape)} differ in size")
+        outside = label[(label != IGNORE_INDEX) & (label >= self.num_classes)]
+        if outside.numel():
+            raise DataError(f"{label_path}: annotation values up to {int(outside.max()) + 1}; "
+                            f"ADE20K has classes 1..{self.num_classes} (0 = other)")
         return image, label
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ from torch import nn
 
 from segnext_kernels import NMF2D
 
+from ._validate import check_int, check_ints, check_probability
+
 GN_GROUPS = 32
 
 
@@ -82,6 +84,12 @@ class LightHamHead(nn.Module):
                  ham_channels: int = 256, num_classes: int = 150, dropout_ratio: float = 0.1,
                  align_corners: bool = False, nmf_kwargs: Optional[dict] = None):
         super().__init__()
+        check_ints("in_channels", in_channels, 1)
+        check_ints("in_index", in_index, 0)
+        check_int("channels", channels, 1)
+        check_int("ham_channels", ham_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_probability("dropout_ratio", dropout_ratio)
         if len(in_channels) != len(in_index):
             raise ValueError(f"in_channels {tuple(in_channels)} and in_index {tuple(in_index)} "
                              "must have the same length")
@@ -107,6 +115,10 @@ class LightHamHead(nn.Module):
         """``bases`` / ``generator`` go to the NMF: fixed (B, C, R) bases or a seeded generator
         on the input's device make the output reproducible (the bases are otherwise drawn at
         random on every call)."""
+        if len(feats) <= max(self.in_index):
+            raise ValueError(f"feats must hold the backbone's stage outputs, at least "
+                             f"{max(self.in_index) + 1} (in_index {self.in_index}), got "
+                             f"{len(feats)}")
         inputs = [feats[i] for i in self.in_index]
         size = inputs[0].shape[2:]
         inputs = [x if x.shape[2:] == size else

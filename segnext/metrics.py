@@ -61,8 +61,13 @@ class ConfusionMatrix:
     """Pixel counts ``matrix[gt, pred]`` over everything passed to ``update``."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device="cpu"):
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or \
+                0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index must be an int outside the class indices [0, "
+                             f"{num_classes}) (class {ignore_index} would never be counted), "
+                             f"got {ignore_index!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -71,6 +76,11 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``pred`` and ``target`` are integer class maps of the same shape;
         target pixels equal to ``ignore_index`` are skipped."""
+        for name, t in (("pred", pred), ("target", target)):
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or \
+                    t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor of class indices, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} "
                              "must have the same shape")

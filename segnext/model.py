@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_image_batch, check_int
 from .ham_head import LightHamHead
 from .mscan import MSCAN, _size_key, mscan
 
@@ -27,6 +28,8 @@ HEAD_SETTINGS: Dict[str, dict] = {
 
 def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize (align_corners False) of (B, K, h, w) logits to ``size`` = (H, W)."""
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be two ints >= 1 (H, W), got {tuple(size)!r}")
     size = tuple(int(s) for s in size)
     if tuple(logits.shape[-2:]) == size:
         return logits
@@ -47,6 +50,7 @@ class SegNeXt(nn.Module):
 
         ``bases`` / ``generator`` fix the NMF's random bases (see LightHamHead.forward).
         """
+        check_image_batch("img", img, self.backbone.in_channels)
         return self.decode_head(self.backbone(img), bases=bases, generator=generator)
 
     @torch.no_grad()
@@ -71,6 +75,9 @@ def build(size: str, num_classes: int = 150, *, in_channels: int = 3,
     ``segnext.load_checkpoint``.
     """
     key = _size_key(size)
+    check_int("num_classes", num_classes, 1)
+    if nmf_rank is not None:
+        check_int("nmf_rank", nmf_rank, 1)
     backbone_kw = dict(in_channels=in_channels, drop_rate=drop_rate, norm_layer=norm_layer)
     if drop_path_rate is not None:
         backbone_kw["drop_path_rate"] = drop_path_rate

@@ -23,6 +23,8 @@ from segnext_kernels import MSCA, mlp
 from segnext_kernels.dispatch import Problem, layout_of, select
 from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
+from ._validate import check_image_batch, check_int, check_ints, check_probability, check_real
+
 NormLayer = Callable[[int], nn.Module]
 
 # §2.1: embed_dims, depths and drop_path_rate per size; mlp_ratios is [8, 8, 4, 4] for all.
@@ -50,7 +52,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float):
         super().__init__()
-        self.drop_prob = float(drop_prob)
+        self.drop_prob = check_probability("drop_prob", drop_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
@@ -234,9 +236,22 @@ class MSCAN(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_ints("embed_dims", embed_dims, 1)
+        check_ints("depths", depths, 0)
+        for dim, ratio in zip(embed_dims, mlp_ratios):
+            if check_real("each of mlp_ratios", ratio, 0.0) * dim < 1:
+                raise ValueError(f"mlp_ratios must give each MLP a hidden width >= 1, got "
+                                 f"{ratio!r} for {dim} channels")
+        check_probability("drop_rate", drop_rate)
+        check_probability("drop_path_rate", drop_path_rate)
+        if not callable(norm_layer):
+            raise TypeError(f"norm_layer must build a norm module (e.g. nn.BatchNorm2d), got "
+                            f"{norm_layer!r}")
         if not (len(embed_dims) == len(depths) == len(mlp_ratios)):
             raise ValueError(f"embed_dims, depths and mlp_ratios must have one entry per stage, "
                              f"got {len(embed_dims)}, {len(depths)} and {len(mlp_ratios)}")
+        self.in_channels = in_channels
         self.embed_dims = tuple(embed_dims)
         self.depths = tuple(depths)
         self.num_stages = len(depths)
@@ -273,6 +288,8 @@ class MSCAN(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The normalised (B, in_channels, H, W) image -> the stage outputs, strides 4 to 32."""
+        check_image_batch("x", x, self.in_channels)
         outs = []
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f"patch_embed{i}")(x)

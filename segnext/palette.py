@@ -14,8 +14,8 @@ IGNORE_COLOUR = (255, 255, 255)  # what an ignored pixel (label 255 in a ground 
 
 def palette(num_classes: int) -> torch.Tensor:
     """(num_classes, 3) uint8 RGB colours, one per class."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     colours = torch.zeros(num_classes, 3, dtype=torch.uint8)
     for k in range(num_classes):
         rgb = [0, 0, 0]
@@ -32,6 +32,10 @@ def palette(num_classes: int) -> torch.Tensor:
 def colorize(labels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """(H, W) class indices -> (H, W, 3) uint8 RGB; indices outside the palette (e.g. 255 =
     ignore) are drawn in ``IGNORE_COLOUR``."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or \
+            labels.is_complex() or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of class indices, got {got}")
     labels = labels.long()
     known = (labels >= 0) & (labels < colours.shape[0])
     out = torch.empty(*labels.shape, 3, dtype=torch.uint8)

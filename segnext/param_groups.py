@@ -10,6 +10,7 @@ backbone's ``norm1/2``, ``patch_embed{2-4}.norm`` and ``norm{1-4}`` get no decay
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
@@ -41,7 +42,19 @@ def param_groups(model: nn.Module, lr: float = 6e-5, weight_decay: float = 0.01,
     are left out. ``custom_keys`` replaces the official rules (same format:
     ``{substring: {"lr_mult": ..., "decay_mult": ...}}``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     rules = OFFICIAL_CUSTOM_KEYS if custom_keys is None else custom_keys
+    if not isinstance(rules, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Mapping) and set(v) <= {"lr_mult", "decay_mult"}
+            and all(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
+                    and m >= 0 for m in v.values()) for k, v in rules.items()):
+        raise ValueError("custom_keys must map name substrings to {'lr_mult': x, "
+                         f"'decay_mult': y}} with finite x, y >= 0, got {custom_keys!r}")
     sorted_keys = sorted(sorted(rules), key=len, reverse=True)  # longest first, ties a-z
     groups: Dict[Tuple[float, float], dict] = {}
     for name, param in model.named_parameters():

@@ -36,8 +36,9 @@ import torch
 
 import segnext_kernels
 
-from .checkpoint import LoadResult, _plain_state_dict, load_checkpoint
-from .data import prepare_test_image, read_image
+from ._cli import ArgumentParser
+from .checkpoint import LoadResult, _plain_state_dict, _read, load_checkpoint
+from .data import image_mode_problem, prepare_test_image, read_image
 from .model import SegNeXt, build, upsample_logits
 from .mscan import MSCAN_SETTINGS
 from .palette import colorize, palette
@@ -69,6 +70,9 @@ def slide_inference(model: SegNeXt, image: torch.Tensor, output_size: Sequence[i
     overlap, as mmseg's slide inference."""
     if crop < 1 or stride < 1:
         raise ValueError(f"crop and stride must be >= 1, got {crop} and {stride}")
+    if stride > crop:
+        raise ValueError(f"stride ({stride}) must not exceed crop ({crop}): the windows would "
+                         "leave pixels between them unpredicted")
     batch, _, height, width = image.shape
     rows = max(height - crop + stride - 1, 0) // stride + 1
     cols = max(width - crop + stride - 1, 0) // stride + 1
@@ -96,6 +100,10 @@ def predict_labels(model: SegNeXt, image: torch.Tensor, mode: str = "whole",
     be in eval mode."""
     if mode not in DEFAULT_SCALES:
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or \
+            image.numel() == 0:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a (3, H, W) RGB tensor on the 0-255 scale, got {got}")
     device = next(model.parameters()).device
     original_size = image.shape[-2:]
     scale = DEFAULT_SCALES[mode] if scale is None else scale
@@ -131,6 +139,24 @@ def infer_model_size(state_dict) -> Optional[str]:
         if tuple(depths) == settings["depths"] and width == settings["embed_dims"][0]:
             return size
     return None
+
+
+def parse_device(name: str, error=ValueError) -> torch.device:
+    """The ``--device`` of a command line: cpu, cuda or cuda:N of a visible GPU; anything else
+    raises ``error`` with a one-line message."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise error(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise error(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise error("--device cuda, but no CUDA GPU is visible to PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise error(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are "
+                        "visible")
+    return device
 
 
 def error_summary(exc: BaseException) -> str:
@@ -169,34 +195,52 @@ def load_model(checkpoint: Path, model_size: Optional[str], num_classes: Optiona
                ) -> Tuple[SegNeXt, str]:
     """The SegNeXt of ``checkpoint`` (eval mode, on the CPU) and a description of it."""
     if not checkpoint.is_file():
-        raise PredictError(f"checkpoint not found: {checkpoint}")
+        what = "is not a file" if checkpoint.exists() else "not found"
+        raise PredictError(f"checkpoint {what}: {checkpoint}")
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        ckpt = _read(checkpoint, weights_only=True)
         state = _plain_state_dict(ckpt)
-    except Exception as exc:  # any unreadable file: one line naming it
-        raise PredictError(f"cannot read checkpoint {checkpoint} (is it a PyTorch "
-                           f"checkpoint?): {error_summary(exc)}") from None
+    except (OSError, ValueError, TypeError) as exc:  # one line naming the file
+        message = error_summary(exc).split(": ", 1)[-1]
+        if not message.startswith("cannot read checkpoint"):
+            message = f"cannot read checkpoint {checkpoint} (is it a PyTorch checkpoint?): " \
+                      f"{error_summary(exc)}"
+        raise PredictError(message) from None
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     if not any(key.startswith(("backbone.", "decode_head.")) for key in state) and \
             any(key.startswith("patch_embed1.") for key in state):
         raise PredictError(f"{checkpoint} holds backbone weights only (an ImageNet MSCAN "
                            "checkpoint?); prediction needs a full SegNeXt checkpoint")
 
-    model_size = model_size or meta.get("model") or infer_model_size(state)
+    if model_size is None and "model" in meta:
+        model_size = meta["model"]
+        if model_size not in MSCAN_SETTINGS:
+            raise PredictError(f"{checkpoint} names its model {model_size!r} (meta), expected "
+                               "one of t, s, b, l; pass --model")
+    model_size = model_size or infer_model_size(state)
     if model_size is None:
         raise PredictError(f"cannot tell the model size from {checkpoint} (is it a SegNeXt "
                            "checkpoint?); pass --model t|s|b|l")
-    if num_classes is None:
-        num_classes = meta.get("num_classes")
+    if num_classes is None and "num_classes" in meta:
+        num_classes = meta["num_classes"]
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise PredictError(f"{checkpoint} gives its class count as {num_classes!r} (meta), "
+                               "expected an int >= 1; pass --num-classes")
     if num_classes is None and "decode_head.conv_seg.weight" in state:
         num_classes = int(state["decode_head.conv_seg.weight"].shape[0])
     if num_classes is None:
         raise PredictError(f"cannot tell the class count from {checkpoint}; "
                            "pass --num-classes")
 
-    model = build(model_size, num_classes)
     name = f"SegNeXt-{model_size.upper()} with {num_classes} classes"
-    result = load_checkpoint(model, ckpt, strict=False)
+    try:
+        model = build(model_size, num_classes)
+    except (RuntimeError, MemoryError) as exc:  # e.g. a --num-classes too large to allocate
+        raise PredictError(f"cannot build {name}: {error_summary(exc)}") from None
+    try:
+        result = load_checkpoint(model, ckpt, strict=False)
+    except (ValueError, TypeError) as exc:  # entries that cannot be right (NaN, complex...)
+        raise PredictError(f"{checkpoint}: {error_summary(exc).split(': ', 1)[-1]}") from None
     if not result.ok:
         raise PredictError(f"{checkpoint} does not match {name}: {mismatch_summary(result)}")
     if "step" in meta:
@@ -228,11 +272,13 @@ def check_images(paths: Sequence[Path]) -> None:
         if not path.is_file():
             raise PredictError(f"not a file: {path}")
         try:
-            with Image.open(path) as img:
-                img.size  # noqa: B018 (the header is enough to know it is an image)
+            with Image.open(path) as img:  # the header says whether it is an image
+                problem = image_mode_problem(img)
         except Exception as exc:  # Pillow's UnidentifiedImageError, permissions...
             raise PredictError(f"not an image Pillow can read: {path} "
                                f"({error_summary(exc)})") from None
+        if problem:
+            raise PredictError(f"cannot use {path}: {problem}")
         if path.stem in stems:
             raise PredictError(f"{stems[path.stem]} and {path} would write the same output "
                                "files; segment them in separate runs")
@@ -262,8 +308,8 @@ def write_rgb(path: Path, rgb: torch.Tensor) -> None:
 # Command line
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m segnext.predict",
+    p = ArgumentParser(
+        prog="python -m segnext.predict", error_name="segnext.predict",
         description="Segment images with a SegNeXt checkpoint; writes a colour mask and an "
                     "overlay PNG per image.")
     p.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
@@ -292,11 +338,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the NMF bases")
     args = p.parse_args(argv)
     if args.crop < 1 or args.stride < 1:
-        p.error("--crop and --stride must be >= 1")
+        p.error(f"--crop and --stride must be >= 1, got {args.crop} and {args.stride}")
+    if args.stride > args.crop:
+        p.error(f"--stride must not exceed --crop (the windows would leave pixels between "
+                f"them unpredicted), got --stride {args.stride} and --crop {args.crop}")
+    if args.scale is not None and min(args.scale) < 1:
+        p.error(f"--scale sides must be >= 1, got {args.scale[0]} {args.scale[1]}")
     if args.num_classes is not None and args.num_classes < 1:
-        p.error("--num-classes must be >= 1")
+        p.error(f"--num-classes must be >= 1, got {args.num_classes}")
     if not 0.0 <= args.opacity <= 1.0:
-        p.error("--opacity must be in [0, 1]")
+        p.error(f"--opacity must be in [0, 1], got {args.opacity}")
+    if not 0 <= args.seed < 2**64:  # torch.Generator.manual_seed takes a 64-bit seed
+        p.error(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out must be a folder, but {args.out} is a file")
     return args
 
 
@@ -308,22 +363,24 @@ def run(args: argparse.Namespace) -> List[Tuple[Path, Path]]:
         if not status.available:
             raise PredictError(f"--backend {args.backend} is not available here: "
                                f"{status.reason}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise PredictError(f"bad --device {args.device!r}: {error_summary(exc)}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda, but no CUDA GPU is visible to PyTorch")
+    device = parse_device(args.device, PredictError)
     model, description = load_model(args.checkpoint, args.model, args.num_classes)
     model.to(device)
     colours = palette(model.decode_head.num_classes)
     print(f"{description}, from {args.checkpoint}; {args.mode} inference on {device}, "
           f"kernel backend {args.backend}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PredictError(f"cannot create the --out folder {args.out}: "
+                           f"{exc.strerror or error_summary(exc)}") from None
     written = []
     with segnext_kernels.use_backend(args.backend):
         for path in args.images:
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except ValueError as exc:  # a float image outside [0, 1]
+                raise PredictError(str(exc)) from None
             height, width = image.shape[-2:]
             # --keep-size: a scale the image already fits exactly, so no resize.
             scale = (max(height, width), min(height, width)) if args.keep_size else args.scale
@@ -336,8 +393,12 @@ def run(args: argparse.Namespace) -> List[Tuple[Path, Path]]:
             elapsed_ms = 1000 * (time.perf_counter() - started)
             mask_path = args.out / f"{path.stem}_mask.png"
             overlay_path = args.out / f"{path.stem}_overlay.png"
-            write_mask(mask_path, labels, colours)
-            write_rgb(overlay_path, overlay(image, colorize(labels, colours), args.opacity))
+            try:
+                write_mask(mask_path, labels, colours)
+                write_rgb(overlay_path, overlay(image, colorize(labels, colours), args.opacity))
+            except OSError as exc:
+                raise PredictError(f"cannot write to {args.out}: "
+                                   f"{exc.strerror or error_summary(exc)}") from None
             print(f"{path}: {width}x{height}, {elapsed_ms:.1f} ms -> {mask_path}, "
                   f"{overlay_path}")
             written.append((mask_path, overlay_path))

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import logging
 import math
@@ -51,13 +52,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import segnext_kernels
 from segnext_kernels import backends as kernel_backends
 
-from .checkpoint import load_checkpoint
-from .data import ADE20K, IGNORE_INDEX, SyntheticShapes, derive_seed
+from ._cli import ArgumentParser
+from .checkpoint import _read, load_checkpoint
+from .data import ADE20K, IGNORE_INDEX, DataError, SyntheticShapes, derive_seed
 from .metrics import ConfusionMatrix, SegmentationScores
 from .model import SegNeXt, build, upsample_logits
 from .mscan import Block
-from .param_groups import param_groups
-from .predict import error_summary, mismatch_summary, whole_inference
+from .param_groups import OFFICIAL_CUSTOM_KEYS, param_groups
+from .predict import error_summary, mismatch_summary, parse_device, whole_inference
 
 CHECKPOINT_FORMAT = "segnext.train/1"
 LATEST = "latest.pth"
@@ -73,6 +75,9 @@ DATA_DEFAULTS: Dict[str, dict] = {
                       warmup_iters=50, eval_every=250, checkpoint_every=250),
 }
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+# What --resume needs of a checkpoint besides the weights, with the type each entry must have.
+TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "grad_scaler": dict, "rng_states": list}
 
 
 class TrainError(Exception):
@@ -96,8 +101,8 @@ class TrainResult:
 # Command line
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m segnext.train",
+    p = ArgumentParser(
+        prog="python -m segnext.train", error_name="segnext.train",
         description="Train SegNeXt (official recipe) on synthetic shapes or ADE20K.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="t", choices=("t", "s", "b", "l"), help="SegNeXt size")
@@ -154,12 +159,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = os.path.join("work_dirs", f"segnext_{args.model}_{args.data}")
-    for name in ("iters", "batch_size", "crop", "num_classes", "log_every"):
+    for name in ("iters", "batch_size", "crop", "num_classes", "log_every",
+                 "synthetic_train_size", "synthetic_val_size"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_iters", "eval_every", "checkpoint_every", "workers"):
         if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.num_classes >= IGNORE_INDEX + 1:
+        p.error(f"--num-classes must be <= {IGNORE_INDEX}, got {args.num_classes}: label "
+                f"{IGNORE_INDEX} marks ignored pixels, so class {IGNORE_INDEX} would never be "
+                "trained or evaluated")
+    if args.data == "synthetic" and args.num_classes < 2:
+        p.error(f"--num-classes must be >= 2 with --data synthetic (the background and at "
+                f"least one shape class), got {args.num_classes}")
+    # Optimizer and schedule: finite, and in the range where the recipe means something.
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):
+        p.error(f"--min-lr must be in [0, --lr] = [0, {args.lr}], got {args.min_lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    # AdamW steps in float32: the head's learning rate and its decay must be float32 numbers.
+    head_lr = args.lr * OFFICIAL_CUSTOM_KEYS["head"]["lr_mult"]
+    if head_lr * max(1.0, args.weight_decay) > torch.finfo(torch.float32).max:
+        p.error(f"--lr {args.lr} (x10 for the head) with --weight-decay {args.weight_decay} "
+                "overflows float32")
+    if not (math.isfinite(args.warmup_ratio) and 0 <= args.warmup_ratio <= 1):
+        p.error(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if not (math.isfinite(args.power) and args.power >= 0):
+        p.error(f"--power must be a finite number >= 0, got {args.power}")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
+    for name in ("out", "dump_weights"):
+        folder = getattr(args, name)
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            p.error(f"--{name.replace('_', '-')} must be a folder, but {folder} is a file")
     if args.data == "ade20k" and not args.data_root:
         p.error("--data ade20k needs --data-root")
     return args
@@ -185,14 +220,7 @@ class Runtime:
 
 def init_runtime(device_name: str) -> Runtime:
     """One process, or this process's place in a torchrun job (process group initialised)."""
-    try:
-        device = torch.device(device_name)
-    except RuntimeError as exc:
-        raise TrainError(f"bad --device {device_name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda, but no CUDA GPU is visible to PyTorch")
-    if device.type not in ("cpu", "cuda"):
-        raise TrainError(f"--device must be cpu or cuda, got {device_name!r}")
+    device = parse_device(device_name, TrainError)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Runtime(0, 1, device)
@@ -301,6 +329,19 @@ def load_pretrained(model: SegNeXt, path: str, model_name: str,
         logger.info(f"  decode_head.conv_seg not loaded: the checkpoint has "
                     f"{loaded.mismatched_keys[0][1][0]} classes, this model "
                     f"{model.decode_head.num_classes}; it keeps its initialisation")
+
+
+@torch.no_grad()
+def non_finite_state(model: nn.Module) -> List[str]:
+    """Names of the model's floating-point parameters and buffers that hold NaN or infinity
+    (one host sync for the whole model)."""
+    named = [(name, t) for name, t in itertools.chain(model.named_parameters(),
+                                                       model.named_buffers())
+             if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def average_batchnorm_statistics(model: nn.Module, rt: Runtime) -> None:
@@ -424,7 +465,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically (a reader never sees half a file), then point latest.pth at it."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # a full disk, a folder removed under the run
+        tmp.unlink(missing_ok=True)  # the last checkpoint written stays as it was
+        raise TrainError(f"cannot write the checkpoint {path}: {error_summary(exc)}") from None
     os.replace(tmp, path)
     latest = path.with_name(LATEST)
     latest_tmp = path.with_name(LATEST + ".tmp")
@@ -445,24 +490,68 @@ def _resume_path(args, out_dir: Path) -> Optional[Path]:
         return latest if latest.is_file() else None
     path = Path(args.resume)
     if not path.is_file():
-        raise TrainError(f"--resume: checkpoint not found: {path}")
+        what = "is not a file" if path.exists() else "not found"
+        raise TrainError(f"--resume: checkpoint {what}: {path}")
     return path
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_training_checkpoint(path: Path, args) -> dict:
+    """The checkpoint of ``path``, checked to hold everything a resumed run reads (the weights
+    are checked when loaded)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file: report it in one line
-        raise TrainError(f"--resume: cannot read {path}: {error_summary(exc)}") from None
-    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-    if meta.get("format") != CHECKPOINT_FORMAT:
+        ckpt = _read(path, weights_only=True)
+    except (OSError, ValueError, TypeError) as exc:  # any unreadable file: one line
+        raise TrainError(f"--resume: cannot read {path}: "
+                         f"{error_summary(exc).split(': ', 1)[-1]}") from None
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"--resume: {path} is not a segnext.train checkpoint (to start from "
                          "other weights, use --pretrained)")
+    problems = [f"no {name!r} entry" for name, kind in
+                dict(state_dict=dict, **TRAINING_STATE).items()
+                if not isinstance(ckpt.get(name), kind)]
+    problems += [f"meta[{name!r}] is {meta.get(name)!r}, expected a count" for name in
+                 ("step", "iters") if not _is_count(meta.get(name))]
+    if isinstance(ckpt.get("rng_states"), list) and not (ckpt["rng_states"] and all(
+            isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor)
+            for s in ckpt["rng_states"])):
+        problems.append("its 'rng_states' are not per-process RNG states")
+    if problems:
+        raise TrainError(f"--resume: {path} is damaged or not a complete training checkpoint: "
+                         + "; ".join(problems))
     for name in ("model", "num_classes"):
-        if meta[name] != getattr(args, name):
+        if meta.get(name) != getattr(args, name):
             raise TrainError(f"--resume: {path} was trained with --{name.replace('_', '-')} "
-                             f"{meta[name]}, this run has {getattr(args, name)}")
+                             f"{meta.get(name)}, this run has {getattr(args, name)}")
     return ckpt
+
+
+def restore_training_state(resumed: dict, path: Path, model: nn.Module, optimizer, scheduler,
+                           scaler) -> int:
+    """Load a checked training checkpoint into the run's objects; returns its step. The
+    weights go through ``load_checkpoint`` (everything validated before anything is copied);
+    a part that does not fit this run raises ``TrainError`` naming it."""
+    try:
+        load_checkpoint(model, resumed["state_dict"], strict=True)
+    except (ValueError, TypeError, RuntimeError) as exc:  # CheckpointMismatchError included
+        raise TrainError(f"--resume: the weights in {path} do not fit: "
+                         f"{error_summary(exc).split(': ', 1)[-1]}") from None
+    step = resumed["meta"]["step"]
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler),
+                         ("grad_scaler", scaler)):
+        try:
+            target.load_state_dict(resumed[name])
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+            raise TrainError(f"--resume: the {name} state in {path} does not fit this run: "
+                             f"{error_summary(exc)}") from None
+    if scheduler.last_epoch != step:  # the schedule counts the steps done
+        raise TrainError(f"--resume: {path} is at iteration {step} but its scheduler state at "
+                         f"{scheduler.last_epoch!r}; a damaged or hand-edited checkpoint")
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,15 +568,23 @@ def train(args: argparse.Namespace) -> TrainResult:
     logger = None
     try:
         out_dir = Path(args.out)
-        if rt.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        logger = _make_logger(rt, out_dir)
+        try:
+            if rt.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            logger = _make_logger(rt, out_dir)
+        except OSError as exc:
+            raise TrainError(f"cannot write to the --out folder {out_dir}: "
+                             f"{exc.strerror or error_summary(exc)}") from None
         if amp_dtype is torch.float16 and rt.device.type != "cuda":
             # Allowed (it is how the GradScaler path gets tested without a GPU), but slow.
             logger.warning("--amp fp16 on the CPU runs about 2x slower than --amp bf16 "
                            "(the CPU has no fast float16 arithmetic); prefer bf16 here")
         with segnext_kernels.use_backend(args.backend):
             return _train(args, rt, amp_dtype, out_dir, logger)
+    except DataError as exc:  # raised in a loader worker, its message ends with ours
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise TrainError(lines[-1].split("DataError: ", 1)[-1] if lines else "bad data") \
+            from None
     finally:
         if logger is not None:
             _close_logger(logger)
@@ -541,14 +638,15 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
 
     start_step = 0
     if resumed is not None:
-        model.load_state_dict(resumed["state_dict"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["grad_scaler"])
-        start_step = int(resumed["meta"]["step"])
+        start_step = restore_training_state(resumed, resume_path, model, optimizer, scheduler,
+                                            scaler)
         rng_states = resumed["rng_states"]
         if len(rng_states) == rt.world_size:
-            _set_rng_state(rng_states[rt.rank], device)
+            try:
+                _set_rng_state(rng_states[rt.rank], device)
+            except (KeyError, TypeError, RuntimeError) as exc:
+                raise TrainError(f"--resume: the RNG state in {resume_path} is damaged: "
+                                 f"{error_summary(exc)}") from None
         else:
             logger.warning(f"the checkpoint was written by {len(rng_states)} process(es), this "
                            f"run has {rt.world_size}: fresh RNG streams, and a different global "
@@ -575,8 +673,32 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
 
     result = TrainResult(step=start_step)
 
+    checked_step = None
+
+    def check_finite(step: int) -> None:
+        """Stop before logging, evaluating or saving weights that hold NaN or infinity."""
+        nonlocal checked_step
+        if checked_step == step:
+            return
+        checked_step = step
+        bad = non_finite_state(model)
+        total = len(bad)
+        if rt.distributed:  # every rank must stop together
+            count = torch.tensor([total], device=device)
+            dist.all_reduce(count)
+            total = int(count)
+        if total:
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "") if bad else \
+                "on another process"
+            kept = (f"the last checkpoint written, {result.checkpoint}, is intact"
+                    if result.checkpoint else "no checkpoint was written")
+            raise TrainError(f"the weights hold NaN or infinity after iteration {step} "
+                             f"({shown}); stopped without saving them ({kept}). A smaller "
+                             "--lr or a longer --warmup-iters may help")
+
     def run_evaluation(step: int) -> None:
         average_batchnorm_statistics(model, rt)
+        check_finite(step)
         started = time.perf_counter()
         scores = evaluate(model, val_loader, args.num_classes, device, args.seed, amp_dtype)
         result.evaluations.append((step, scores))
@@ -591,6 +713,7 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
 
     def write_checkpoint(step: int) -> None:
         average_batchnorm_statistics(model, rt)
+        check_finite(step)
         rng_states = _gather(_rng_state(device), rt)
         if rt.is_main:
             path = out_dir / f"iter_{step}.pth"
@@ -646,7 +769,9 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
                 window_loss /= rt.world_size
             mean_loss = float(window_loss) / window_steps
             if not math.isfinite(mean_loss):
-                raise TrainError(f"the loss is {mean_loss} at iteration {step}")
+                raise TrainError(f"the loss is {mean_loss} at iteration {step}; stopped "
+                                 "(a smaller --lr or a longer --warmup-iters may help)")
+            check_finite(step)
             elapsed = time.perf_counter() - window_start
             speed = window_steps / elapsed
             eta = (args.iters - step) / speed
@@ -671,8 +796,12 @@ def _train(args, rt: Runtime, amp_dtype, out_dir: Path, logger: logging.Logger) 
     if args.dump_weights:
         average_batchnorm_statistics(model, rt)
         dump_dir = Path(args.dump_weights)
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), dump_dir / f"rank{rt.rank}.pt")
+        try:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), dump_dir / f"rank{rt.rank}.pt")
+        except OSError as exc:
+            raise TrainError(f"cannot write to the --dump-weights folder {dump_dir}: "
+                             f"{exc.strerror or error_summary(exc)}") from None
     logger.info(f"done at iteration {step}")
     return result
 

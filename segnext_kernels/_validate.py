@@ -50,3 +50,16 @@ def autocast_inputs(x: torch.Tensor, tensors):
         dt = torch.get_autocast_dtype(dev)
         return x.to(dt), [t.to(dt) for t in tensors]
     return x, list(tensors)
+
+
+def check_one_device(op: str, named: Sequence[tuple]) -> None:
+    """Every tensor of ``named`` ((name, tensor) pairs) on the first one's device.
+
+    The ops' fakes must run it too: when one argument is on meta, the Meta kernel (the fake)
+    wins the dispatch over the real kernel, and a fake that only returns ``empty_like`` would
+    hand back an uninitialised tensor on the other arguments' device."""
+    ref_name, ref = named[0]
+    for name, t in named[1:]:
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "all tensors must be on one device")

@@ -8,7 +8,7 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__, _cuda_archs, _extension
+    from . import __version__, _cuda_archs, _extension, _triton_compat
     from .backends import available_backends, get_backend
     from .dispatch import op_backends
 
@@ -28,6 +28,7 @@ def collect() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
+        "triton_range": _triton_compat.support_status(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
         "extension": (_extension.build_info() if _extension.available()
@@ -45,7 +46,8 @@ def main() -> None:
 
     info = collect()
     print("segnext-kernels", info["segnext_kernels"])
-    for key in ("python", "platform", "torch", "torch_cuda", "triton", "cuda_device", "threads"):
+    for key in ("python", "platform", "torch", "torch_cuda", "triton", "triton_range",
+                "cuda_device", "threads"):
         print(f"  {key:<12} {info[key]}")
     print("compiled extension segnext_kernels._C:")
     for k, v in info["extension"].items():

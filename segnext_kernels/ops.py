@@ -20,19 +20,15 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from ._validate import memory_format_of
+from ._validate import check_one_device, memory_format_of
 from .dispatch import ran
 from .kernels import _cxx_kernel
 
 
 def _one_device(op: str, named) -> None:
-    """Refuse tensors on several devices (meta included): the fake would otherwise answer for
-    a call no kernel can run, with an uninitialised tensor."""
-    (first_name, first), *rest = named
-    for name, t in rest:
-        if t.device != first.device:
-            raise ValueError(f"segnext::{op}: {name} is on {t.device} but {first_name} is on "
-                             f"{first.device}; all tensors must be on one device")
+    # In the fakes too: with one argument on meta, the fake wins the dispatch and would answer
+    # for a call no kernel can run with an uninitialised tensor.
+    check_one_device(f"segnext::{op}", named)
 
 
 def _weights_named(weights, prefix="weights"):

@@ -27,6 +27,7 @@ from .mlp.module import FusedMlp, depthwise_conv
 from .msca.module import MSCA
 from .msca.reference import DW_CONVS
 from .nmf.module import NMF2D
+from .nmf.reference import GRAD_MODES
 
 
 class Replacement(NamedTuple):
@@ -143,6 +144,13 @@ def patch(model: nn.Module, *, msca: bool = True, mlp: bool = True, nmf: bool = 
     official training). The model itself, when it is such a module, cannot be replaced in place:
     wrap it, or use the returned module of ``MSCA``/``NMF2D`` directly.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for flag, value in (("msca", msca), ("mlp", mlp), ("nmf", nmf)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if nmf_grad not in GRAD_MODES:
+        raise ValueError(f"nmf_grad must be one of {GRAD_MODES}, got {nmf_grad!r}")
     done: List[Replacement] = []
     for name, m in list(model.named_modules()):
         if not name:
@@ -161,6 +169,8 @@ def patch(model: nn.Module, *, msca: bool = True, mlp: bool = True, nmf: bool = 
 
 def unpatch(model: nn.Module) -> List[Replacement]:
     """Put back every module that ``patch`` replaced; returns what changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     done: List[Replacement] = []
     for name, m in list(model.named_modules()):
         original = getattr(m, "_segnext_original", None)

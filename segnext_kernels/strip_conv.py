@@ -5,11 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validate import check_same, check_tensor, memory_format_of
+from ._validate import check_one_device, check_same, check_tensor, memory_format_of
 from .dispatch import Problem, layout_of, needs_grad, ran, select
 
 
 def strip_conv_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    # PyTorch's conv2d returns garbage for a meta weight with real inputs: refuse mixed devices.
+    check_one_device("strip_conv_ref", [("x", x), ("weight", weight)]
+                     + ([] if bias is None else [("bias", bias)]))
     kh, kw = weight.shape[-2:]
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
 

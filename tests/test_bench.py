@@ -3,7 +3,6 @@ unit tests of its pieces, and pytest-benchmark timings of the same kernels (mark
 ``benchmark_suite``: run with ``python -m pytest --run-benchmarks tests/test_bench.py``)."""
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ def _one_json(tmp_path):
 
 
 def test_cli_smoke_all_levels_writes_json(tmp_path, capsys):
-    t0 = time.perf_counter()
+    # (No wall-time assertion: speed lives in the bench, not in unit tests; under a loaded
+    # machine this ran 30-230 s.)
     rc = main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
-    elapsed = time.perf_counter() - t0
     assert rc == 0
     out = capsys.readouterr().out
     for level in LEVELS:
@@ -44,7 +43,9 @@ def test_cli_smoke_all_levels_writes_json(tmp_path, capsys):
     assert env["device_type"] == "cpu"
     ceil = data["ceilings"]
     assert ceil["bandwidth_Bps"] > 0 and ceil["fma_flops"] > 0
-    assert ceil["gemm_flops"]["float32"] > 0 and "GEMM peak" in ceil["fma_method"]
+    # the compute ceiling is the cores' FMA peak (register-resident loop), not sgemm's rate
+    assert ceil["gemm_flops"]["float32"] > 0 and "FMA loop" in ceil["fma_method"]
+    assert ceil["fma_flops"] >= ceil["gemm_flops"]["float32"] and ceil["fma_peak_computed_method"]
     assert data["config"]["size"] == "smoke"
 
     results = data["results"]
@@ -75,7 +76,6 @@ def test_cli_smoke_all_levels_writes_json(tmp_path, capsys):
     # roofline numbers of the kernel levels
     msca_ok = [r for r in results if r["level"] == "msca" and r["status"] == "ok"]
     assert msca_ok and all(0 < r["roofline"]["fraction_of_floor"] for r in msca_ok)
-    assert elapsed < 60  # < 30 s on an idle 2-core machine
 
 
 def test_cli_quick_filter_strip(tmp_path, capsys):

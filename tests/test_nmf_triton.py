@@ -13,12 +13,6 @@ is ~1e-7 of dX), only the noise level is compared; R = 1 is checked exactly with
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -26,6 +20,8 @@ import segnext_kernels
 from segnext_kernels.nmf import triton as nmf_triton
 from segnext_kernels.nmf.reference import draw_bases, nmf_decompose_ref
 from segnext_kernels.ops import nmf2d_op
+
+import compile_launches
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -260,118 +256,17 @@ def test_torch_compile_fullgraph():
 
 
 # --------------------------------------------------------------------------------------------
-# compile-only check for an H100 (sm_90) on a machine without a GPU
+# compile-only check for A100s and H100s (sm_80, sm_90) on a machine without a GPU
 # --------------------------------------------------------------------------------------------
-# Runs without the interpreter: the launchers take their GPU choices (tiles, warps, maxnreg) and
-# are called on CPU tensors with every kernel replaced by a recorder; each recorded launch is then
-# compiled as the JIT would specialise it (pointers 16-byte aligned, ints equal to 1 constant,
-# ints divisible by 16 marked so) and its cubin's resource usage read with cuobjdump.
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import json, os, re, subprocess, sys, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import segnext_kernels.nmf.triton as T
-
-    b, D, N, R, steps, n_chunks = (int(a) for a in sys.argv[1:7])
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-    for name in ("nmf_forward_kernel", "nmf_coef_kernel", "nmf_bases_kernel",
-                 "nmf_backward_kernel", "nmf_coef_grad_kernel", "nmf_bases_grad_kernel",
-                 "nmf_dx_kernel"):
-        setattr(T, name, Recorder(getattr(T, name)))
-    X, dY, bases = torch.zeros(b, D, N), torch.zeros(b, D, N), torch.zeros(b, D, R)
-    for grad in ("unrolled", "one_step"):
-        for chunks in (1, n_chunks):  # persistent and split kernels
-            Y, *saved = T.nmf_forward(X, bases, steps, 1e-6, 1.0, grad == "unrolled", chunks)
-            T.nmf_backward(dY, X, *saved, steps, 1e-6, 1.0, grad, chunks)
-
-    def specialise(kernel, args, kwargs):
-        values = dict(zip(kernel.arg_names, args), **kwargs)
-        sig, const, attrs = {}, {}, {}
-        for i, p in enumerate(kernel.params):
-            v = values[p.name]
-            if p.is_constexpr:
-                sig[p.name], const[p.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*fp32"
-                if v.data_ptr() % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[p.name] = "fp32"
-            elif p.do_not_specialize:
-                sig[p.name] = "i32"
-            elif v == 1:
-                sig[p.name], const[p.name] = "constexpr", 1
-            else:
-                sig[p.name] = "i32"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}
-        return sig, const, attrs, options
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    seen = set()
-    for kernel, args, kwargs in launches:
-        sig, const, attrs, options = specialise(kernel, args, kwargs)
-        key = (kernel.__name__, repr(sorted(const.items())), repr(sorted(attrs)),
-               repr(sorted(options.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-        res = dict(kernel=kernel.__name__, R=R, unrolled=const.get("UNROLLED"),
-                   options=options, smem=ck.metadata.shared, regs=None, stack=None)
-        if os.path.exists(cuobjdump):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "k.cubin")
-                with open(path, "wb") as f:
-                    f.write(ck.asm["cubin"])
-                usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True,
-                                       text=True, check=True).stdout
-            res["regs"] = int(re.search(r"REG:(\\d+)", usage).group(1))
-            res["stack"] = int(re.search(r"STACK:(\\d+)", usage).group(1))
-        print(json.dumps(res))
-""")
-
-# (b, D, N, R, steps, N chunks): the SegNeXt-T/S (R = 16) and -B/L (R = 64) heads, 512² crops
-_COMPILE_SHAPES = [(1, 256, 4096, 16, 6, 16), (1, 512, 4096, 64, 6, 8)]
-_KERNELS = {"nmf_forward_kernel", "nmf_coef_kernel", "nmf_bases_kernel", "nmf_backward_kernel",
-            "nmf_coef_grad_kernel", "nmf_bases_grad_kernel", "nmf_dx_kernel"}
-
-
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile and run the kernels for real")
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the compiler rejects: compile every kernel the launchers
-    start, with their GPU configuration, for sm_90; no local memory (register spills), shared
-    memory within an H100's 227 KB with room to spare."""
+def test_kernels_compile_for_sm80_and_sm90():
+    """The interpreter accepts code the compiler rejects: compile every kernel launch the
+    launchers make, with their GPU configuration (tiles, warps, maxnreg), for the SegNeXt heads
+    and every padded rank (tests/compile_launches.py), for sm_80 and sm_90 with this Triton: no
+    error, no register spill, shared memory within an A100's."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, *map(str, shape)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for shape in _COMPILE_SHAPES]  # one per shape: both cores of a CI runner
-    results = []
-    for shape, proc in zip(_COMPILE_SHAPES, procs):
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{shape}: {err[-4000:]}"
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        assert {r["kernel"] for r in lines} == _KERNELS, f"{shape}: {out}"
-        results += lines
-    for r in results:
-        assert r["smem"] <= 200 * 1024, r
-    if any(r["stack"] is None for r in results):
-        pytest.skip("cuobjdump (bundled with triton's NVIDIA backend) not found: every kernel "
-                    "compiled, register spills not checked")
-    spilled = [r for r in results if r["stack"] != 0]
-    assert not spilled, "local memory (register spills) in:\n" + "\n".join(map(str, spilled))
+    results = compile_launches.compile_in_subprocesses("nmf")
+    compile_launches.check_results(results, compile_launches.NMF_KERNELS)
 
 
 # --------------------------------------------------------------------------------------------

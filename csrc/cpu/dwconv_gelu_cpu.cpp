@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "dwconv_gelu.h"
+#include "device_check.h"
 #include "poison.h"
 #include "simd.h"
 
@@ -276,7 +277,7 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>&
 
 void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                 const at::Tensor& bias) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  segnext::check_device(op, at::kCPU, {{"x", &x}, {"weight", &weight}, {"bias", &bias}});
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   const int64_t C = x.size(1);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dwconv_gelu.h"
+#include "device_check.h"
 #include "poison.h"
 #include "simd.h"
 
@@ -120,7 +121,8 @@ void mlp_forward_cl(const at::Tensor& x, const at::Tensor& w1t, const PackedFilt
 at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                        const at::Tensor& wd, const at::Tensor& bd, const at::Tensor& w2,
                        const at::Tensor& b2) {
-  TORCH_CHECK(x.device().is_cpu(), "mlp_fwd: x must be a CPU tensor, got ", x.device());
+  segnext::check_device("mlp_fwd", at::kCPU, {{"x", &x}, {"w1", &w1}, {"b1", &b1}, {"wd", &wd},
+                                               {"bd", &bd}, {"w2", &w2}, {"b2", &b2}});
   TORCH_CHECK(x.dim() == 4, "mlp_fwd: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   const int64_t C = x.size(1);
   TORCH_CHECK(w1.dim() == 4 && w1.size(1) == C && w1.size(2) == 1 && w1.size(3) == 1,

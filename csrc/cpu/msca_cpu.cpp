@@ -34,6 +34,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "device_check.h"
 #include "poison.h"
 #include "simd.h"
 
@@ -1234,8 +1235,7 @@ std::vector<at::Tensor> msca_bwd_cpu(
               ", got ", grad.sizes());
   TORCH_CHECK(grad.scalar_type() == u.scalar_type(), "msca_bwd: grad has dtype ",
               grad.scalar_type(), " but u has ", u.scalar_type());
-  TORCH_CHECK(grad.device().is_cpu(), "msca_bwd: grad must be a CPU tensor, got device ",
-              grad.device());
+  segnext::check_device("msca_bwd", at::kCPU, {{"grad", &grad}});
 
   at::Tensor grad_u = at::empty_like(u);
   if (poison_outputs()) grad_u.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "device_check.h"
+
 namespace segnext {
 namespace {
 
@@ -93,6 +95,8 @@ void strip_conv_nchw(const scalar_t* x, const acc_t* wt /* [C][k] */, const acc_
 
 at::Tensor strip_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias) {
+  segnext::check_device("strip_conv", at::kCPU, {{"x", &x}, {"weight", &weight}});
+  if (bias.has_value()) segnext::check_device("strip_conv", at::kCPU, {{"bias", &*bias}});
   TORCH_CHECK(x.dim() == 4, "strip_conv: x must be 4-D (B, C, H, W), got ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&

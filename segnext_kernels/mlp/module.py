@@ -34,6 +34,16 @@ class FusedMlp(nn.Module):
     def __init__(self, fc1: nn.Conv2d, dwconv: nn.Module, act: nn.Module, fc2: nn.Conv2d,
                  drop: nn.Module | None = None):
         super().__init__()
+        for name, m in (("fc1", fc1), ("fc2", fc2)):
+            if not isinstance(m, nn.Conv2d):
+                raise TypeError(f"{name} must be an nn.Conv2d (1x1), got {type(m).__name__}")
+        conv = dwconv if isinstance(dwconv, nn.Conv2d) else getattr(dwconv, "dwconv", None)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"dwconv must be an nn.Conv2d or hold one as .dwconv, got "
+                            f"{type(dwconv).__name__}")
+        for name, m in (("act", act), ("drop", drop)):
+            if m is not None and not isinstance(m, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         self.fc1, self.dwconv, self.act, self.fc2 = fc1, dwconv, act, fc2
         self.drop = drop if drop is not None else nn.Identity()
 

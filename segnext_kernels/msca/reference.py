@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_one_device
+
 # (name, kernel (kh, kw)) of the 7 depthwise convs in the order of the official module.
 DW_CONVS = (
     ("conv0", (5, 5)),
@@ -57,6 +59,8 @@ def _dw(x, w, b):
 def msca_ref(u: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """Reference MSCA. ``weights`` are the 16 tensors in MSCAWeights order."""
     w = MSCAWeights(*weights)
+    # PyTorch's conv2d returns garbage for a meta weight with real inputs: refuse mixed devices.
+    check_one_device("msca_ref", [("u", u), *zip(MSCAWeights._fields, w)])
     a = _dw(u, w.w0, w.b0)
     s = a
     s = s + _dw(_dw(a, w.w0_1, w.b0_1), w.w0_2, w.b0_2)

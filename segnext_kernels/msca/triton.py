@@ -26,8 +26,9 @@ Forward, two launches:
      row adds its 7 + 11 + 21 vertical taps without any load, and S0 is complete -> store s.
    The kernel is persistent (grid = a few programs per SM) so that the scratch stays small.
    Rows of the tile plus 20 halo rows plus 4 pipeline-fill rows are walked: (TH+24)/TH work.
-   GPU tiles TH=64, TW=64, BC=4, 4 warps: 2 registers per thread per [TW, BC] tile; ptxas (sm_90,
-   triton 3.9) reports 152 registers and no spills, i.e. 3 programs (12 warps) per SM.
+   GPU tiles TH=64, TW=64, BC=4, 8 warps: 1 register per thread per [TW, BC] tile, no spills on
+   sm_80 or sm_90 with any supported Triton (at 4 warps ptxas capped it at 128 registers on sm_80
+   and spilled).
 2. ``msca_pointwise_kernel``: out = (s @ W3ᵀ + b3) ⊙ u on ``tl.dot`` (tensor cores for fp16/bf16,
    ``input_precision="ieee"`` for float32 so that the 1e-4 tolerance holds), bias and ⊙u fused in
    the epilogue.
@@ -714,10 +715,11 @@ def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
     TW x BC = 256 (forward) / 128 (backward) fp32 values per [TW, BC] register tile, i.e. 2 / 1
     registers per thread per tile, so that the 31 rolling tiles fit without spills."""
     if gpu:
-        # ptxas (sm_90): dw 152-197 regs by triton version, no spill; strip_bwd with TW=32
-        # spilled 136-200 B/thread at 255 regs (its [32, TW, BC] tap stacks), TW=16 does not.
-        cfg = {"dw": dict(TH=64, TW=64, BC=4, num_warps=4),
-               "strip_bwd": dict(TH=32, TW=16, BC=4, num_warps=8),
+        # strip_bwd holds [32, TW, BC] tap stacks: TW x BC = 32 (4 registers per thread per
+        # stack at 8 warps) keeps it without spills on sm_80 and sm_90 with every supported
+        # Triton; TW x BC = 64 spilled at 255 registers (tests/compile_launches.py checks).
+        cfg = {"dw": dict(TH=64, TW=64, BC=4, num_warps=8),
+               "strip_bwd": dict(TH=32, TW=16, BC=2, num_warps=8),
                "dw5_bwd": dict(TH=16, TW=32, BC=4, num_warps=4)}[which]
     else:  # interpreter: few big programs (its cost is per program and per op, not per element)
         cfg = {"dw": dict(TH=64, TW=32, BC=64, num_warps=4),
@@ -730,11 +732,15 @@ def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
 
 def _gemm_tiles(C: int, dtype: torch.dtype, gpu: bool) -> dict:
     """Tiles of the 1x1-conv kernels (tl.dot needs every dim >= 16). float32 runs the dot on
-    CUDA cores ("ieee"): smaller tiles. Chosen so that ptxas (sm_90) reports no or few spills
-    and shared memory stays far below 228 KB (BK=64 / 3 stages did not)."""
+    CUDA cores ("ieee"), where ptxas holds a thread's share of both operands in registers
+    before the FMAs (BK x its rows and columns of the tile): BK = 16, no software pipelining and
+    a pinned register budget (left to itself, ptxas capped some kernels at 64-80 registers and
+    spilled; with 2 stages or BK = 32 they spilled at 128). Chosen so that no kernel spills on
+    sm_80 or sm_90 and shared memory stays far below an A100's 163 KB (BK=64 / 3 stages did
+    not)."""
     bn = max(16, min(64, _next_pow2(C)))
     if gpu and dtype == torch.float32:
-        cfg = dict(BM=64, BN=bn, BK=min(bn, 32), num_warps=8, num_stages=2)
+        cfg = dict(BM=64, BN=bn, BK=16, num_warps=8, num_stages=1, maxnreg=128)
     elif gpu:
         cfg = dict(BM=128, BN=bn, BK=min(bn, 32), num_warps=8, num_stages=2)
     else:
@@ -743,9 +749,14 @@ def _gemm_tiles(C: int, dtype: torch.dtype, gpu: bool) -> dict:
     return cfg
 
 
+def _launch_options(cfg: dict) -> dict:
+    """The launch options (warps, stages, register budget) of a tile configuration."""
+    return {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
+
+
 def _n_programs(n_tiles: int, device: torch.device, per_sm: int = 2) -> int:
-    """Grid of the persistent kernels: a few programs per SM on a GPU (2: the depthwise kernels'
-    ~190 registers x 128 threads allow 2 resident per SM), one per tile otherwise."""
+    """Grid of the persistent kernels: a few programs per SM on a GPU (2: about what the
+    depthwise kernels' registers allow resident per SM), one per tile otherwise."""
     n = n_tiles
     if device.type == "cuda" and not _interpret():
         n = min(n, torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
@@ -809,7 +820,7 @@ def _launch_dw_forward(u: torch.Tensor, s: torch.Tensor, dw_weights) -> None:
     wp = _pack_dw_weights(dw_weights, n_cb * BC)
     msca_dw_forward_kernel[(grid,)](
         u, s, scr, wp, C, H, W, *u.stride(), n_tw, n_th, n_cb, n_tiles,
-        CP=n_cb * BC, TH=TH, TW=TW, BC=BC, num_warps=cfg["num_warps"])
+        CP=n_cb * BC, TH=TH, TW=TW, BC=BC, **_launch_options(cfg))
 
 
 def _check_index_range(u: torch.Tensor) -> None:
@@ -835,7 +846,7 @@ def msca_forward(u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1
     msca_pointwise_kernel[grid](s, uu, w3, b3, o, H * W, C, uu.stride(0), uu.stride(1),
                                 _pixel_stride(uu), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
                                 DOT_PRECISION=_dot_precision(uu.dtype),
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                **_launch_options(cfg))
     if o is not out:
         out.copy_(o)
     return out
@@ -863,8 +874,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     msca_pointwise_backward_kernel[grid](s, uu, g, w3, b3, gu, ds, H * W, C, uu.stride(0),
                                          uu.stride(1), sP, BM=gcfg["BM"], BN=gcfg["BN"],
                                          BK=gcfg["BK"], DOT_PRECISION=prec,
-                                         num_warps=gcfg["num_warps"],
-                                         num_stages=gcfg["num_stages"])
+                                         **_launch_options(gcfg))
     # 3. dW3, db3 (split over pixel tiles; partials summed in a fixed order)
     n_nt, n_kt = triton.cdiv(C, gcfg["BN"]), triton.cdiv(C, gcfg["BK"])
     n_mt = Bn * triton.cdiv(H * W, gcfg["BM"])
@@ -876,7 +886,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     msca_pointwise_wgrad_kernel[(n_nt, n_kt, split)](
         s, uu, g, pw, pb, H * W, C, Bn, uu.stride(0), uu.stride(1), sP,
         BM=gcfg["BM"], BN=gcfg["BN"], BK=gcfg["BK"], DOT_PRECISION=prec,
-        num_warps=gcfg["num_warps"], num_stages=gcfg["num_stages"])
+        **_launch_options(gcfg))
     gw3 = pw.sum(0).to(w3.dtype).view_as(w3)
     gb3 = pb.sum(0).to(b3.dtype)
     del s
@@ -891,7 +901,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     part = _scratch(Bn * n_th * n_tw * C * _NPART, uu.device).view(Bn * n_th * n_tw, C, _NPART)
     msca_strip_backward_kernel[(nprog,)](
         uu, ds, da, part, scr, _pack_dw_weights(dw_weights, n_cb * BC), C, H, W, *uu.stride(),
-        n_tw, n_th, n_cb, n_tiles, CP=n_cb * BC, TH=TH, TW=TW, BC=BC, num_warps=cfg["num_warps"])
+        n_tw, n_th, n_cb, n_tiles, CP=n_cb * BC, TH=TH, TW=TW, BC=BC, **_launch_options(cfg))
     del ds
     psum = part.sum(0)   # [C, NPART], fixed order
     sl = {name: psum[:, o:o + n] for name, o, n in _STRIP_SLOTS}
@@ -902,7 +912,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     part5 = _scratch(Bn * n_th * n_tw * C * 32, uu.device).view(Bn * n_th * n_tw, C, 32)
     msca_dw5_backward_kernel[(n_th * n_tw, n_cb, Bn)](
         uu, da, gu, _pack_dw_weights(dw_weights, n_cb * BC), part5, C, H, W, *uu.stride(), n_tw,
-        CP=n_cb * BC, TH=TH, TW=TW, BC=BC, num_warps=cfg["num_warps"])
+        CP=n_cb * BC, TH=TH, TW=TW, BC=BC, **_launch_options(cfg))
     p5 = part5.sum(0)
     if gu is not grad_u_out:
         grad_u_out.copy_(gu)

@@ -19,12 +19,40 @@ def _check_int(name: str, v, lo: int) -> int:
     return v
 
 
-def _check_float(name: str, v, positive: bool) -> float:
+# Ranges of eps and inv_t that keep the float32 iterations finite (float64 input computes in
+# float64; the float32 bounds hold for it too):
+# - eps is added to the denominators of the multiplicative updates, coef·(BᵀB) and
+#   B·(coefᵀcoef). Those are exactly 0 where a row of x is 0 (that bases row becomes 0) or a
+#   coef column underflows to 0, and there the numerator is 0 as well: eps must keep 0/0 from
+#   happening, so it must be a normal float32 (> 1.2e-38: not rounded to 0, and not a subnormal
+#   that flush-to-zero arithmetic drops). EPS_MIN = 1e-30 leaves 8 decades of margin; EPS_MAX is
+#   the largest float32.
+# - inv_t scales Xᵀ B before the softmax of the coef init. A softmax is NaN only when an input
+#   is infinite (inf - inf), so inv_t · Xᵀ B must stay a finite float32. |inv_t| <= INV_T_MAX =
+#   1e4 keeps it finite whenever |Xᵀ B| <= 3.4e34 (drawn bases have unit columns, so |Xᵀ B| is
+#   at most the norm of a column of x). At 1e4 the softmax is already a hard argmax for
+#   differences above 1e-2; SegNeXt's NMF uses 1 (the configs' 100 is overridden to 1).
+EPS_MIN, EPS_MAX = 1e-30, float(torch.finfo(torch.float32).max)
+INV_T_MAX = 1e4
+
+
+def _check_float(name: str, v, low: float, high: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-            (positive and v <= 0):
-        what = "a finite float > 0" if positive else "a finite float"
-        raise ValueError(f"{name} must be {what}, got {v!r}")
+            not low <= v <= high:
+        what = "a finite float > 0" if low > 0 else "a finite float"
+        raise ValueError(f"{name} must be {what} within [{low:g}, {high:g}], got {v!r}")
     return float(v)
+
+
+def check_scalars(R, S, eps, inv_t, **steps) -> tuple[float, float]:
+    """Check the scalar arguments of ``nmf2d`` (``steps``: each iteration count by its name);
+    returns (eps, inv_t) as floats."""
+    _check_int("R", R, 1)
+    _check_int("S", S, 1)
+    for name, value in steps.items():
+        _check_int(name, value, 0)
+    return (_check_float("eps", eps, EPS_MIN, EPS_MAX),
+            _check_float("inv_t", inv_t, -INV_T_MAX, INV_T_MAX))
 
 
 def _check_values(name: str, t: Tensor) -> None:
@@ -57,11 +85,10 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
     and ``bases``.
     """
     check_tensor("x", x, dim=4)
-    _check_int("R", R, 1)
-    _check_int("steps", steps, 0)
-    _check_int("S", S, 1)
-    eps = _check_float("eps", eps, positive=True)
-    inv_t = _check_float("inv_t", inv_t, positive=False)
+    eps, inv_t = check_scalars(R, S, eps, inv_t, steps=steps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     B, C, H, W = x.shape

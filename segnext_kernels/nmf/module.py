@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import nmf2d
+from .functional import check_scalars, nmf2d
 from .reference import GRAD_MODES
 
 
@@ -17,6 +17,7 @@ class NMF2D(nn.Module):
         super().__init__()
         if grad not in GRAD_MODES:
             raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        check_scalars(R, S, eps, inv_t, train_steps=train_steps, eval_steps=eval_steps)
         self.S, self.R = S, R
         self.train_steps, self.eval_steps = train_steps, eval_steps
         self.inv_t, self.eps, self.grad = inv_t, eps, grad

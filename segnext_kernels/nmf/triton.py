@@ -66,7 +66,8 @@ All dots accumulate in float32 with ``input_precision="ieee"``; eps stays float3
 stores are masked for any D, N, R ≥ 1; R is padded to ``BR`` = max(16, next_pow2(R)) in
 registers (padded columns of B and C are exact zeros, the softmax masks them with -inf).
 
-Registers (sm_90: no spills in any kernel as launched, up to BR = 128). An ieee float32
+Registers (sm_80 and sm_90, every supported Triton: no spills in any kernel as launched, up to
+BR = 128). An ieee float32
 ``tl.dot`` runs on the FMA units with both operands staged through shared memory, and ptxas
 loads a thread's whole share of them into registers before the FMAs: K·(rows + columns of the
 thread's output block), 512 values for a 64×64×64 dot at 8 warps. So no contraction over the
@@ -77,11 +78,12 @@ buffers), in loops kept rolled, and every R×R result (G, CᵀC, dG, dH, their s
 through memory between phases); C_0 reaches the first update through memory (a register C_0
 feeding a dot gets rematerialised in the dot-operand layout: the whole K row per thread); and
 loop-invariant address math is not hoisted (``disable_licm``: a pointer per element per tile
-would stay live). GPU tiles (``_gpu_block_sizes``): BLOCK_D × BLOCK_N = 64×64 for BR ≤ 32 (4
-warps at BR = 16, 8 at 32), 32×32 at 8 warps for BR = 64 and 128, where an N×R or D×R tile is
-8 registers per thread at BR = 64. Up to BR = 64 every kernel fits in 128 registers (no spill
-even at 112; R = 1, a compile-time constant, 168), pinned with ``maxnreg`` (``_launch_options``):
-16 warps per SM. BR = 128 takes up to ~200: 8 warps per SM.
+would stay live). GPU tiles (``_gpu_block_sizes``), all at 8 warps: BLOCK_D × BLOCK_N = 64×64
+for BR ≤ 32, 32×32 for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at
+BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
+128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent
+backward; every kernel with triton 3.7 and 3.8: ``_triton_compat.nmf_max_registers``). BR = 128
+takes up to ~200: 8 warps per SM.
 
 Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
@@ -93,6 +95,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .. import _triton_compat
 
 POISON_OUTPUTS: bool = os.environ.get("SEGNEXT_POISON_OUTPUTS", "").strip().lower() in (
     "1", "true", "yes", "on")
@@ -529,6 +533,11 @@ def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
     DR = D * R
     coef_b = coef_hist + pid_b * nC * NR
     carry_b = dc_carry + pid_b * 2 * NR
+    # one_step runs only the last reverse step (k = steps + 1): said at compile time, since a
+    # runtime test that is always true leaves a dead branch on which triton 3.6's coalescing
+    # pass crashes
+    first = (k == 1) if UNROLLED else False
+    last = (k == steps + 1) if UNROLLED else True
     coef_grad_pass(x_ptr + pid_b * DN, dy_ptr + pid_b * DN,
                    bases_hist + pid_b * nB * DR + ((k - 1) % nB) * DR,
                    coef_b + ((k - 1) % nC) * NR, coef_b + (k % nC) * NR,
@@ -540,8 +549,8 @@ def _coef_grad_step(pid_b, k, steps, n_lo, n_hi, part_index, x_ptr, dy_ptr,
                    xdu_part + (pid_b * n_parts + part_index) * D * BR,
                    dg_part + (pid_b * n_parts + part_index) * BR * BR,
                    scratch_part + (pid_b * n_parts + part_index) * 2 * BR * BR,
-                   D, N, R, n_lo, n_hi, eps, inv_t, (k == 1) if UNROLLED else False,
-                   k == steps + 1, UNROLLED, BLOCK_D, BLOCK_N, BR)
+                   D, N, R, n_lo, n_hi, eps, inv_t, first, last, UNROLLED, BLOCK_D, BLOCK_N,
+                   BR)
 
 
 @triton.jit
@@ -661,20 +670,17 @@ def _pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(v, 1))))
 
 
-def _num_warps(BR: int) -> int:
-    return 4 if BR <= 16 else 8
-
-
-def _launch_options(BR: int, R: int) -> dict:
+def _launch_options(BR: int, persistent_backward: bool = False) -> dict:
     """GPU launch options, with the register budget pinned (``maxnreg``) rather than left to
     ptxas, which on its own caps some kernels at 64, 80 or 128 registers and spills a few bytes
-    to fit more programs. Up to BR = 64 every kernel fits in 128 registers (sm_90, ptxas of
-    triton 3.9: no spill even at 112 for R = 16, 32, 64): 16 warps per SM at 4 or 8 warps. R = 1
-    is compiled as a constant and takes up to ~150 (168: 12 warps per SM). BR = 128 takes ~200
-    and is left to ptxas (8 warps per SM)."""
-    opts = dict(num_warps=_num_warps(BR), num_stages=1)
+    to fit more programs. 8 warps: at 4, the 64×64 tiles of BR = 16 spill at 128 registers. Up to
+    BR = 64, 128 registers (two programs per SM) where the kernel fits them: the version-
+    dependent budget of ``_triton_compat``; the persistent backward (every reverse step and dX
+    in one program) takes ~150-160 on sm_80 and gets 168. BR = 128 takes ~200 and is left to
+    ptxas (8 warps per SM)."""
+    opts = dict(num_warps=8, num_stages=1)
     if BR <= 64:
-        opts["maxnreg"] = 128 if R > 1 else 168
+        opts["maxnreg"] = 168 if persistent_backward else _triton_compat.nmf_max_registers()
     return opts
 
 
@@ -744,7 +750,7 @@ def nmf_forward(X: torch.Tensor, bases: torch.Tensor, steps: int, eps: float, in
     R = bases.shape[2]
     check_sizes(D, N, R)
     BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
-    opts = _launch_options(BR, R)
+    opts = _launch_options(BR)
     nB, nC, nU, nP = ring_sizes(steps, full_history)
     Y = _new((b, D, N), X)
     bases_hist = _new((b, nB, D, R), X)
@@ -796,7 +802,7 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
         raise RuntimeError("nmf2d: the unrolled backward needs the forward's full history "
                            "(the forward ran without saving it)")
     BLOCK_D, BLOCK_N, BR = block_sizes(D, N, R)
-    opts = _launch_options(BR, R)
+    opts = _launch_options(BR)
     dY = dY.contiguous().float()
     nDU = steps + 1 if unrolled else 1
     nS = max(steps, 1)
@@ -824,7 +830,8 @@ def nmf_backward(dY: torch.Tensor, X: torch.Tensor, bases_hist: torch.Tensor,
                                   dc_carry, db_carry, dp_hist, dh_part, du_hist, xdu_part,
                                   dg_part, scratch_part, dbases, dx, D, N, R, steps, nB, nC, nU,
                                   nDU, nS, eps, inv_t, UNROLLED=unrolled, BLOCK_D=BLOCK_D,
-                                  BLOCK_N=BLOCK_N, BR=BR, **opts)
+                                  BLOCK_N=BLOCK_N, BR=BR,
+                                  **_launch_options(BR, persistent_backward=True))
     else:
         for i in range(steps + 1 if unrolled else 1):
             k = steps + 1 - i
