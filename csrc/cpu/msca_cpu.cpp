@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include "poison.h"
+#include "scratch.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -58,44 +59,7 @@ constexpr int kPad0 = 2;   // dw5x5's half width
 constexpr int kVRows = 4;  // output rows per call of the vertical strips
 
 
-// ------------------------------------------------------------------------------------------
-// Per-thread scratch: kept between calls, so a call pays no page faults for its rings.
-// ------------------------------------------------------------------------------------------
-class ThreadScratch {
- public:
-  ~ThreadScratch() { std::free(ptr_); }
-  void* get(size_t bytes) {
-    if (bytes > size_) {
-      std::free(ptr_);
-      size_ = round_up(static_cast<int64_t>(bytes), 4096);
-      ptr_ = std::aligned_alloc(64, size_);
-      TORCH_CHECK(ptr_ != nullptr, "msca (cpu): cannot allocate ", size_, " bytes of scratch");
-    }
-    return ptr_;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t size_ = 0;
-};
-thread_local ThreadScratch tls_scratch;
-
-// Carves 64-byte aligned pieces out of one scratch block (first pass sizes, second assigns).
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <typename T>
-  T* take(int64_t count) {
-    T* p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
-    used_ += round_up(count * static_cast<int64_t>(sizeof(T)), 64);
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
+thread_local ThreadScratch tls_scratch;  // (scratch.h)
 
 // Rows of one quantity for every channel block: [cb][slot][pad + W + pad][L].
 // row(cb, r) points at column 0 of image row r; columns -pad..-1 and W..W+pad-1 are zeros.

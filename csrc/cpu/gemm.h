@@ -1,0 +1,126 @@
+// Register-blocked GEMM for the 1x1 convolutions of the CPU kernels, on channels-last pixels:
+//
+//   y[m][n] = sum_{k<K} A[m][k] * B[k][n]      m < M pixels, n < N output channels
+//
+// A is M rows of K channels with row stride lda, in any storage dtype (each value is converted
+// to the accumulation type T as it is broadcast); B is a weight packed once into panels of one
+// vector of columns (PackedB); y is handed to an epilogue one register tile at a time, so that
+// bias, activation, residual, dtype conversion and the store happen while the tile is in
+// registers and no pass over y follows.
+//
+// Why not ATen's mm: on CPUs where MKL does not take its AVX-512 path (AMD), its sgemm runs
+// at less than half the FMA peak on these shapes (K and N of 32 to 2048), while these tiles,
+// with K small enough that a panel stays in L1/L2, stay close to the peak. The kernels are GCC
+// vector extensions, lowered to AVX-512 FMAs with -march=native (narrower vectors otherwise).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace segnext {
+namespace {
+
+// B (K x N) as [N/L][K][L]: panel v holds columns v*L .. v*L+L-1 for every k, zero padded to
+// whole vectors (and to K rows beyond the weight's own, see pack_weight).
+template <typename T>
+struct PackedB {
+  static constexpr int L = Lanes<T>::L;
+  int64_t K = 0, N = 0, nv = 0;
+  T* data = nullptr;
+  PackedB() = default;
+  PackedB(const PackedB&) = delete;
+  PackedB& operator=(const PackedB&) = delete;
+  ~PackedB() { std::free(data); }
+  const T* panel(int64_t v) const { return data + v * K * L; }
+};
+
+// Packs a (N, Kw) weight (a 1x1 conv's (out, in, 1, 1) viewed as a matrix, any dtype) as the
+// B of y = A B, i.e. B[k][n] = weight[n][k], with K >= Kw rows: rows Kw..K-1 are zero, so A may
+// carry zero (or any finite) padding channels beyond Kw.
+template <typename T>
+void pack_weight(PackedB<T>& B, const at::Tensor& weight, int64_t K) {
+  constexpr int L = Lanes<T>::L;
+  const at::Tensor w = weight.reshape({weight.size(0), -1})
+                           .to(at::kCPU, c10::CppTypeToScalarType<T>::value)
+                           .contiguous();
+  const int64_t N = w.size(0), Kw = w.size(1);
+  TORCH_CHECK(Kw <= K, "pack_weight: the weight has ", Kw, " input channels, more than K = ", K);
+  B.K = K, B.N = N, B.nv = ceil_div(N, L);
+  std::free(B.data);
+  const size_t bytes = round_up(static_cast<int64_t>(B.nv * K * L * sizeof(T)), 64);
+  B.data = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(B.data != nullptr, "pack_weight: cannot allocate ", bytes, " bytes");
+  std::fill(B.data, B.data + B.nv * K * L, T(0));
+  const T* wp = w.data_ptr<T>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < Kw; ++k) B.data[((n / L) * K + k) * L + n % L] = wp[n * Kw + k];
+}
+
+template <typename T, typename scalar_t>
+inline T to_acc(scalar_t v) {
+  return static_cast<T>(v);
+}
+
+// One MR x NV tile: rows m0..m0+MR-1 of A, panels v0..v0+NV-1 of B. acc[i][j] is
+// y[m0 + i][(v0 + j) * L ..] when handed to epi(m0, v0, acc).
+template <typename T, int MR, int NV, typename scalar_a, typename Epi>
+inline void gemm_tile(const scalar_a* A, int64_t lda, const PackedB<T>& B, int64_t m0,
+                      int64_t v0, Epi& epi) {
+  constexpr int L = Lanes<T>::L;
+  using V = vec_t<T>;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+  const scalar_a* a = A + m0 * lda;
+  const T* b = B.panel(v0);
+  const int64_t ps = B.K * L, K = B.K;
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = vload(b + j * ps + k * L);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V ai = vsplat(to_acc<T>(a[i * lda + k]));
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+  epi(m0, v0, acc);
+}
+
+template <typename Acc>
+constexpr int tile_m = std::extent_v<std::remove_reference_t<Acc>, 0>;
+template <typename Acc>
+constexpr int tile_v = std::extent_v<std::remove_reference_t<Acc>, 1>;
+
+// y = A B for M rows, every panel of B. The epilogue may see a row twice (the last tile of M
+// overlaps the one before when MR does not divide M): it must only write, as a function of
+// (m, v, y). Panels are the outer loop: a panel group (K x NV*L values) stays in L1/L2 while
+// the rows of A stream past it.
+template <typename T, typename scalar_a, typename Epi>
+void gemm(const scalar_a* A, int64_t lda, int64_t M, const PackedB<T>& B, Epi&& epi) {
+  if (M <= 0) return;
+  auto run = [&](int64_t v0, auto mr_tag, auto nv_tag) {
+    constexpr int MR = decltype(mr_tag)::value, NV = decltype(nv_tag)::value;
+    if (M >= MR) {
+      for (int64_t m0 = 0; m0 < M; m0 += MR)
+        gemm_tile<T, MR, NV>(A, lda, B, std::min(m0, M - MR), v0, epi);
+    } else {
+      for (int64_t m0 = 0; m0 < M; ++m0) gemm_tile<T, 1, NV>(A, lda, B, m0, v0, epi);
+    }
+  };
+  // 24 accumulators: 6 rows x 4 vectors, then 12 x 2, and 12 x 1 for a last odd panel.
+  int64_t v0 = 0;
+  for (; v0 + 4 <= B.nv; v0 += 4)
+    run(v0, std::integral_constant<int, 6>{}, std::integral_constant<int, 4>{});
+  for (; v0 + 2 <= B.nv; v0 += 2)
+    run(v0, std::integral_constant<int, 12>{}, std::integral_constant<int, 2>{});
+  if (v0 < B.nv) run(v0, std::integral_constant<int, 12>{}, std::integral_constant<int, 1>{});
+}
+
+}  // namespace
+}  // namespace segnext
