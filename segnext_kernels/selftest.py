@@ -190,6 +190,8 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
     from .ops import nmf2d_fused
 
     b, D, N, R, steps = case
+    if not dispatch.kernel("nmf2d", backend).backward:
+        return _nmf2d_inference_case(backend, inp, case)
     out: Compared = []
     for grad in ("unrolled", "one_step"):
         X = inp.cast(inp.rand((b, D, N), 0.1, 1.0))
@@ -208,6 +210,33 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
                                            g.to(dt))))
         names = [f"{grad} Y", f"{grad} grad X", f"{grad} grad bases"]
         out += list(zip(names, [Y] + list(grads), refs[0], refs[1]))
+    return out
+
+
+def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
+    """An inference-only NMF kernel (cpu): the forward on the (b, D, H, W) map, in the layout,
+    with S = 1 and, for D even, S = 2 groups."""
+    from .nmf.reference import nmf_decompose_ref
+    from .ops import nmf2d_cpu
+
+    b, D, N, R, steps = case
+    H, W = (N, 1) if N % 2 else (N // 2, 2)
+    out: Compared = []
+    for S in (1, 2) if D % 2 == 0 else (1,):
+        x = inp.cast(inp.rand((b, D, H, W), 0.1, 1.0), grad=False, image=True)
+        B0 = inp.rand((b * S, D // S, R), 0.05, 1.0)
+        B0 = inp.cast(B0 / B0.norm(dim=1, keepdim=True), grad=False)
+        with torch.no_grad():
+            Y = nmf2d_cpu(x, B0, S, steps, 1e-6, 1.0)
+        bad = _layout_problem(Y, x, inp.layout)
+        if bad:
+            return bad
+        refs = []
+        for dt in (F64, x.dtype):  # float64, and the kernel's dtype: the rounding noise
+            Xr = x.detach().to("cpu", dt).reshape(b * S, D // S, N)
+            Yr = nmf_decompose_ref(Xr, B0.detach().to("cpu", dt), steps, 1e-6, 1.0)
+            refs.append(Yr.reshape(b, D, H, W))
+        out.append((f"S={S} Y", Y, refs[0], refs[1]))
     return out
 
 

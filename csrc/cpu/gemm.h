@@ -67,26 +67,29 @@ inline T to_acc(scalar_t v) {
   return static_cast<T>(v);
 }
 
-// One MR x NV tile: rows m0..m0+MR-1 of A, panels v0..v0+NV-1 of B. acc[i][j] is
-// y[m0 + i][(v0 + j) * L ..] when handed to epi(m0, v0, acc).
+// One MR x NV tile of y = A B with general operand strides: A(i, k) = a[i * ai + k * ak], and
+// the vector of B's row k, columns (v0 + j) * L .., at b[k * bk + (v0 + j) * bj] (64-byte
+// aligned). acc[i][j] is y[m0 + i][(v0 + j) * L ..] when handed to epi(m0, v0, acc).
 template <typename T, int MR, int NV, typename scalar_a, typename Epi>
-inline void gemm_tile(const scalar_a* A, int64_t lda, const PackedB<T>& B, int64_t m0,
-                      int64_t v0, Epi& epi) {
-  constexpr int L = Lanes<T>::L;
+inline void gemm_tile(const scalar_a* a, int64_t ai, int64_t ak, const T* b, int64_t bk,
+                      int64_t bj, int64_t K, int64_t m0, int64_t v0, Epi& epi) {
   using V = vec_t<T>;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-  const scalar_a* a = A + m0 * lda;
-  const T* b = B.panel(v0);
-  const int64_t ps = B.K * L, K = B.K;
-  for (int64_t k = 0; k < K; ++k) {
+  // One pointer per row of A, advanced along k: row offsets i * ai kept in vector registers
+  // (what the compiler does with more rows than free general registers) cost a move per FMA.
+  const scalar_a* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = a + (m0 + i) * ai;
+  b += v0 * bj;
+  for (int64_t k = 0; k < K; ++k, b += bk) {
     V bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = vload(b + j * ps + k * L);
+    for (int j = 0; j < NV; ++j) bv[j] = vload(b + j * bj);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V ai = vsplat(to_acc<T>(a[i * lda + k]));
-      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
+      const V ai_v = vsplat(to_acc<T>(*ar[i]));
+      ar[i] += ak;
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai_v * bv[j];
     }
   }
   epi(m0, v0, acc);
@@ -97,29 +100,37 @@ constexpr int tile_m = std::extent_v<std::remove_reference_t<Acc>, 0>;
 template <typename Acc>
 constexpr int tile_v = std::extent_v<std::remove_reference_t<Acc>, 1>;
 
-// y = A B for M rows, every panel of B. The epilogue may see a row twice (the last tile of M
-// overlaps the one before when MR does not divide M): it must only write, as a function of
-// (m, v, y). Panels are the outer loop: a panel group (K x NV*L values) stays in L1/L2 while
-// the rows of A stream past it.
+// y = A B for M rows and nv vectors of columns, operands as gemm_tile's. Every (row, vector)
+// reaches the epilogue exactly once (the rows left over by MR go in halving tiles), so an
+// epilogue may accumulate. Column vectors are the outer loop: a panel group (K x NV vectors)
+// stays in L1/L2 while the rows of A stream past it.
+template <typename T, int MR, int NV, typename scalar_a, typename Epi>
+inline void gemm_rows(const scalar_a* a, int64_t ai, int64_t ak, int64_t m0, int64_t m1,
+                      const T* b, int64_t bk, int64_t bj, int64_t K, int64_t v0, Epi& epi) {
+  for (; m0 + MR <= m1; m0 += MR) gemm_tile<T, MR, NV>(a, ai, ak, b, bk, bj, K, m0, v0, epi);
+  if constexpr (MR > 1) {
+    if (m0 < m1) gemm_rows<T, (MR + 1) / 2, NV>(a, ai, ak, m0, m1, b, bk, bj, K, v0, epi);
+  }
+}
+
+template <typename T, typename scalar_a, typename Epi>
+void gemm_strided(const scalar_a* a, int64_t ai, int64_t ak, int64_t M, const T* b, int64_t bk,
+                  int64_t bj, int64_t nv, int64_t K, Epi&& epi) {
+  if (M <= 0) return;
+  // 6 rows x 4 vectors (24 accumulators), then 8 x 3, 8 x 2, 8 x 1 for the last vectors
+  // (at most 8 rows: more row strides than that no longer fit the general registers).
+  int64_t v0 = 0;
+  for (; v0 + 4 <= nv; v0 += 4) gemm_rows<T, 6, 4>(a, ai, ak, 0, M, b, bk, bj, K, v0, epi);
+  if (nv - v0 == 3) gemm_rows<T, 8, 3>(a, ai, ak, 0, M, b, bk, bj, K, v0, epi);
+  if (nv - v0 == 2) gemm_rows<T, 8, 2>(a, ai, ak, 0, M, b, bk, bj, K, v0, epi);
+  if (nv - v0 == 1) gemm_rows<T, 8, 1>(a, ai, ak, 0, M, b, bk, bj, K, v0, epi);
+}
+
+// y = A B for M rows of A (row stride lda, channels contiguous) and a packed B.
 template <typename T, typename scalar_a, typename Epi>
 void gemm(const scalar_a* A, int64_t lda, int64_t M, const PackedB<T>& B, Epi&& epi) {
-  if (M <= 0) return;
-  auto run = [&](int64_t v0, auto mr_tag, auto nv_tag) {
-    constexpr int MR = decltype(mr_tag)::value, NV = decltype(nv_tag)::value;
-    if (M >= MR) {
-      for (int64_t m0 = 0; m0 < M; m0 += MR)
-        gemm_tile<T, MR, NV>(A, lda, B, std::min(m0, M - MR), v0, epi);
-    } else {
-      for (int64_t m0 = 0; m0 < M; ++m0) gemm_tile<T, 1, NV>(A, lda, B, m0, v0, epi);
-    }
-  };
-  // 24 accumulators: 6 rows x 4 vectors, then 12 x 2, and 12 x 1 for a last odd panel.
-  int64_t v0 = 0;
-  for (; v0 + 4 <= B.nv; v0 += 4)
-    run(v0, std::integral_constant<int, 6>{}, std::integral_constant<int, 4>{});
-  for (; v0 + 2 <= B.nv; v0 += 2)
-    run(v0, std::integral_constant<int, 12>{}, std::integral_constant<int, 2>{});
-  if (v0 < B.nv) run(v0, std::integral_constant<int, 12>{}, std::integral_constant<int, 1>{});
+  constexpr int L = Lanes<T>::L;
+  gemm_strided(A, lda, 1, M, B.data, L, B.K * L, B.nv, B.K, epi);
 }
 
 }  // namespace
