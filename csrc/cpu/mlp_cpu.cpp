@@ -32,6 +32,7 @@
 #include "poison.h"
 #include "scratch.h"
 #include "simd.h"
+#include "weight_cache.h"
 
 namespace segnext {
 namespace {
@@ -176,10 +177,10 @@ at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     PackedFilter<T> f(wd.detach(), bd.detach(), Hd);
     f.fold_input_bias(b1.detach(), Hd);
-    PackedB<T> w1p, w2p;
-    pack_weight(w1p, w1.detach(), C);
-    pack_weight(w2p, w2.detach(), f.Cp);  // fc2 reads the padded hidden rows
-    mlp_forward_cl<scalar_t, T>(xc, w1p, f, w2p, b2.detach(), y);
+    // (the weights as passed: the cache knows them by their TensorImpl)
+    const auto w1p = packed_weight<T>(w1, C);
+    const auto w2p = packed_weight<T>(w2, f.Cp);  // fc2 reads the padded hidden rows
+    mlp_forward_cl<scalar_t, T>(xc, *w1p, f, *w2p, b2.detach(), y);
   });
   at::Tensor out = at::empty_like(x);
   if (out.strides() == y.strides()) return y;
