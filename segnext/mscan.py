@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnext_kernels import MSCA, mlp
+from segnext_kernels import MSCA, conv1x1, mlp
 from segnext_kernels.dispatch import Problem, layout_of, select
 from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
@@ -214,8 +214,13 @@ class Block(nn.Module):
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         w = self._folded_weights()
         attn = self.attn
-        u = attn.activation(F.conv2d(x, w["p1w"], w["p1b"]))
-        x = F.conv2d(attn.spatial_gating_unit(u), w["p2w"], w["p2b"]).addcmul_(x, w["a1"])
+        # The 1x1 convs with their elementwise pass fused (GELU; the shortcut, a1 x).
+        act = attn.activation
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            u = conv1x1(x, w["p1w"], w["p1b"], act="gelu")
+        else:
+            u = act(F.conv2d(x, w["p1w"], w["p1b"]))
+        x = conv1x1(attn.spatial_gating_unit(u), w["p2w"], w["p2b"], residual=x, scale=w["a1"])
         conv = depthwise_conv(self.mlp.dwconv)
         return mlp(x, w["f1w"], w["f1b"], conv.weight, conv.bias, w["f2w"], w["f2b"]).add_(x)
 

@@ -112,6 +112,15 @@ register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_
 register(Kernel("nmf2d", "cpu", (F32, F64), backward=False, present=_cxx_kernel("nmf2d_fwd", "CPU"),
                 note="3-4x the reference at the SegNeXt-T/B heads (Zen 5)"))
 
+# ---- conv1x1 (inference only) --------------------------------------------------------------
+
+# Channels-last only: another layout is copied to channels-last first.
+register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
+                present=_cxx_kernel("conv1x1_fwd", "CPU"),
+                faster=lambda p: p.layout == "channels_last",
+                note="channels-last 1.1-4x eager conv + GELU / + scaled shortcut at every MSCAN "
+                     "projection of SegNeXt-T and -B (Zen 5)"))
+
 # ---- strip_conv (forward only) ---------------------------------------------------------------
 
 register(Kernel("strip_conv", "cpu", (F32, F16, BF16, F64), backward=False,

@@ -240,7 +240,36 @@ def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
     return out
 
 
+# (x shape, out channels): a channel tail on both sides, 1-pixel and prime-sized maps
+CONV1X1_CASES = (((2, 17, 5, 7), 33), ((1, 32, 3, 1), 16), ((1, 3, 1, 1), 1))
+
+
+def _conv1x1_case(backend, inp: _Inputs, case) -> Compared | str:
+    from .conv1x1 import conv1x1_ref
+    from .ops import conv1x1_fused
+
+    shape, N = case
+    B, K, H, W = shape
+    x = inp.cast(inp.randn(shape), grad=False, image=True)
+    w = inp.cast(inp.randn((N, K, 1, 1), K ** -0.5), grad=False)
+    b = inp.cast(inp.randn((N,)), grad=False)
+    r = inp.cast(inp.randn((B, N, H, W)), grad=False, image=True)
+    s = inp.cast(inp.randn((N,)), grad=False)
+    out: Compared = []
+    for act, res in (("gelu", False), ("none", True), ("relu", True)):
+        with torch.no_grad():
+            y = conv1x1_fused(x, w, b, act, r if res else None, s if res else None, backend)
+        bad = _layout_problem(y, r, inp.layout)
+        if bad:
+            return bad
+        ref = conv1x1_ref(_leaf64(x), _leaf64(w), _leaf64(b), act, _leaf64(r) if res else None,
+                          _leaf64(s) if res else None)
+        out.append((f"{act}{' + residual' if res else ''}", y, ref))
+    return out
+
+
 CASES: Dict[str, Tuple[Callable, Sequence]] = {
+    "conv1x1": (_conv1x1_case, CONV1X1_CASES),
     "msca": (_msca_case, MSCA_SHAPES),
     "dwconv_gelu": (_dwconv_gelu_case, DWCONV_GELU_SHAPES),
     "mlp": (_mlp_case, MLP_SHAPES),

@@ -55,6 +55,10 @@ def _call(op, backend, device="cpu"):
         return sk.mlp(x.to(device), *[w.to(device) for w in ws], backend=backend)
     if op == "nmf2d":
         return sk.nmf2d(torch.rand(1, 8, 3, 3, device=device), R=2, steps=1, backend=backend)
+    if op == "conv1x1":
+        x = torch.randn(1, 4, 5, 6, device=device)
+        return sk.conv1x1(x, torch.randn(7, 4, 1, 1, device=device), torch.randn(7, device=device),
+                          act="gelu", backend=backend)
     if op == "strip_conv":
         return sk.strip_conv(torch.randn(1, 3, 5, 9, device=device),
                              torch.randn(3, 1, 1, 7, device=device), torch.randn(3, device=device),
@@ -62,7 +66,7 @@ def _call(op, backend, device="cpu"):
     raise AssertionError(op)
 
 
-OPS = ("msca", "dwconv_gelu", "mlp", "nmf2d", "strip_conv")
+OPS = ("msca", "dwconv_gelu", "mlp", "nmf2d", "conv1x1", "strip_conv")
 
 
 # ---------------------------------------------------------------------------------- names
@@ -175,7 +179,7 @@ def test_explicit_backend_for_another_device_raises_naming_both(op):
             _call(op, None, device="meta")
 
 
-@pytest.mark.parametrize("op", ["msca", "dwconv_gelu", "mlp", "strip_conv"])
+@pytest.mark.parametrize("op", ["msca", "dwconv_gelu", "mlp", "conv1x1", "strip_conv"])
 def test_auto_and_reference_run_on_any_device(op):
     for name in ("auto", "reference"):
         out = _call(op, name, device="meta")
