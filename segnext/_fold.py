@@ -1,0 +1,71 @@
+"""Eval-time folding for the fused inference path: weights derived from a module's parameters
+and buffers (eval-mode norms folded into the convs around them, weight slices), computed once
+and kept until one of their sources changes.
+
+The fused path runs only for inference (eval mode, no gradient) when the backend runs the fused
+1x1 convs on this input; the reference backend, training and anything needing gradients run
+the modules as written. Folding changes the rounding, not the arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from segnext_kernels.dispatch import Problem, layout_of, select
+
+
+def fused_inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` runs its folded inference path on ``x``."""
+    if module.training or torch.is_grad_enabled():
+        return False
+    p = Problem("conv1x1", x.device, x.dtype, layout_of(x), tuple(x.shape), False)
+    return select(p) != "reference"
+
+
+def has_running_stats(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and \
+        norm.running_mean is not None and norm.running_var is not None
+
+
+def bn_affine(norm: nn.Module):
+    """An eval-mode batch norm as y = s * x + t (per channel)."""
+    s = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        s = s * norm.weight
+    t = -norm.running_mean * s
+    return s, (t + norm.bias if norm.bias is not None else t)
+
+
+def fold_bn_into_conv(conv: nn.Conv2d, norm: nn.Module):
+    """(weight, bias) of conv followed by the eval-mode batch norm ``norm``."""
+    s, t = bn_affine(norm)
+    w = conv.weight * s.reshape(-1, 1, 1, 1)
+    b = t if conv.bias is None else conv.bias * s + t
+    return w, b
+
+
+def cached(module: nn.Module, name: str, sources: Sequence[torch.Tensor], make: Callable):
+    """``make()``, kept on ``module`` (as the attribute ``name``, not state) until one of
+    ``sources`` changes storage or version. While tracing (torch.compile) it is recomputed in
+    the graph, without a cache."""
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                                       for t in sources)
+    hit = module.__dict__.get(name)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    if key is not None:
+        object.__setattr__(module, name, (key, value))
+    return value
+
+
+def sources_of(*modules: nn.Module):
+    """Every parameter and buffer of ``modules`` (what their folded weights derive from)."""
+    out = []
+    for m in modules:
+        out += [t for t in m.parameters(recurse=False)] + [t for t in m.buffers(recurse=False)
+                                                            if t.is_floating_point()]
+    return out
