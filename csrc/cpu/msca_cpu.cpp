@@ -577,19 +577,10 @@ void load_row(T* dst, const Strided<const scalar_t>& src, int64_t b, int64_t h, 
     for (int64_t w = 0; w < W; ++w) {
       const scalar_t* sp = s + w * src.sw;
       __builtin_prefetch(sp + src.sh);  // rows are loaded in order: fetch the next one early
-      if constexpr (std::is_same_v<T, scalar_t>) {
-        vstore(dst + w * L, vloadu(sp));
-      } else {
-        for (int l = 0; l < L; ++l) dst[w * L + l] = static_cast<T>(sp[l]);
-      }
+      vstore(dst + w * L, load_lanes<T>(sp));
     }
   } else if (src.sc == 1) {  // channels-last: one pixel's channels are contiguous
-    for (int64_t w = 0; w < W; ++w) {
-      const scalar_t* sp = s + w * src.sw;
-      T* d = dst + w * L;
-      for (int l = 0; l < nl; ++l) d[l] = static_cast<T>(sp[l]);
-      for (int l = nl; l < L; ++l) d[l] = T(0);
-    }
+    for (int64_t w = 0; w < W; ++w) vstore(dst + w * L, load_lanes<T>(s + w * src.sw, nl));
   } else {  // NCHW (or any other strides): walk each channel's row
     for (int l = 0; l < nl; ++l) {
       const scalar_t* sp = s + l * src.sc;
