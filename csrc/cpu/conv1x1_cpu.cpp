@@ -33,8 +33,8 @@ namespace {
 
 enum class Act { kNone, kGelu, kRelu };
 
-template <typename scalar_t, typename T, Act kAct, bool kResidual>
-void conv1x1_cl(const scalar_t* x, const PackedB<T>& w, const T* bias, const scalar_t* res,
+template <typename scalar_t, typename T, Act kAct, bool kResidual, typename Packed>
+void conv1x1_cl(const scalar_t* x, const Packed& w, const T* bias, const scalar_t* res,
                 const T* scale, scalar_t* y, int64_t M, int64_t K, int64_t N) {
   constexpr int L = Lanes<T>::L;
   using V = vec_t<T>;
@@ -132,7 +132,6 @@ at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv1x1_fwd", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr int L = Lanes<T>::L;
-    const auto wp = packed_weight<T>(weight, K);  // the weight as passed (see weight_cache.h)
     std::vector<T> b(round_up(N, L), T(0)), s(round_up(N, L), T(1));
     if (bias) {
       const at::Tensor bb = bias->detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -147,9 +146,21 @@ at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* rp = residual ? rc.data_ptr<scalar_t>() : nullptr;
     const int64_t M = B * H * W;
+    // (the weight as passed: the cache knows it by its TensorImpl, see weight_cache.h)
     auto run = [&](auto act_tag, auto res_tag) {
-      conv1x1_cl<scalar_t, T, decltype(act_tag)::value, decltype(res_tag)::value>(
-          xp, *wp, b.data(), rp, s.data(), yp, M, K, N);
+      constexpr Act kAct = decltype(act_tag)::value;
+      constexpr bool kRes = decltype(res_tag)::value;
+#ifdef SEGNEXT_GEMM_BF16
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (K % 2 == 0) {  // bfloat16 dot products
+          const auto wp = packed<PackedBf16>(weight, K);
+          conv1x1_cl<scalar_t, T, kAct, kRes>(xp, *wp, b.data(), rp, s.data(), yp, M, K, N);
+          return;
+        }
+      }
+#endif
+      const auto wp = packed_weight<T>(weight, K);
+      conv1x1_cl<scalar_t, T, kAct, kRes>(xp, *wp, b.data(), rp, s.data(), yp, M, K, N);
     };
     auto with_res = [&](auto act_tag) {
       if (residual) {

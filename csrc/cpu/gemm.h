@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "simd.h"
@@ -38,6 +39,7 @@ struct PackedB {
   PackedB& operator=(const PackedB&) = delete;
   ~PackedB() { std::free(data); }
   const T* panel(int64_t v) const { return data + v * K * L; }
+  int64_t bytes() const { return nv * K * L * static_cast<int64_t>(sizeof(T)); }
 };
 
 // Packs a (N, Kw) weight (a 1x1 conv's (out, in, 1, 1) viewed as a matrix, any dtype) as the
@@ -132,6 +134,94 @@ void gemm(const scalar_a* A, int64_t lda, int64_t M, const PackedB<T>& B, Epi&& 
   constexpr int L = Lanes<T>::L;
   gemm_strided(A, lda, 1, M, B.data, L, B.K * L, B.nv, B.K, epi);
 }
+
+
+// ------------------------------------------------------------------------------------------
+// bfloat16 operands, float32 accumulation, with AVX512_BF16's VDPBF16PS: each instruction
+// multiplies 16 lanes of bfloat16 pairs and adds both products to a float32 lane, so one
+// instruction does the work of two float32 FMAs. B is packed in k pairs, [nv][K/2][L][2]; a pair
+// of A's values (A[m][k], A[m][k+1], adjacent in a pixel row) is broadcast as one 32-bit lane.
+// K must be even (a channel count: every SegNeXt width is); callers use the float32 GEMM else.
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define SEGNEXT_GEMM_BF16 1
+
+struct PackedBf16 {
+  static constexpr int L = 16;
+  int64_t K = 0, N = 0, nv = 0;  // K even
+  uint16_t* data = nullptr;
+  PackedBf16() = default;
+  PackedBf16(const PackedBf16&) = delete;
+  PackedBf16& operator=(const PackedBf16&) = delete;
+  ~PackedBf16() { std::free(data); }
+  int64_t bytes() const { return nv * K * L * 2; }
+};
+
+inline void pack_weight(PackedBf16& B, const at::Tensor& weight, int64_t K) {
+  constexpr int L = PackedBf16::L;
+  const at::Tensor w = weight.reshape({weight.size(0), -1}).to(at::kCPU, at::kBFloat16).contiguous();
+  const int64_t N = w.size(0), Kw = w.size(1);
+  TORCH_CHECK(Kw <= K && K % 2 == 0, "pack_weight: need K even and >= ", Kw, ", got ", K);
+  B.K = K, B.N = N, B.nv = ceil_div(N, L);
+  std::free(B.data);
+  const size_t bytes = round_up(B.nv * K * L * 2, 64);
+  B.data = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(B.data != nullptr, "pack_weight: cannot allocate ", bytes, " bytes");
+  std::fill(B.data, B.data + B.nv * K * L, uint16_t(0));
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < Kw; ++k)
+      B.data[(((n / L) * (K / 2) + k / 2) * L + n % L) * 2 + k % 2] = wp[n * Kw + k].x;
+}
+
+template <int MR, int NV, typename Epi>
+inline void gemm_bf16_tile(const c10::BFloat16* a, int64_t lda, const PackedBf16& B, int64_t m0,
+                           int64_t v0, Epi& epi) {
+  using V = vec_t<float>;
+  constexpr int L = PackedBf16::L;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+  const c10::BFloat16* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = a + (m0 + i) * lda;
+  const int64_t K2 = B.K / 2, ps = K2 * L * 2;
+  const uint16_t* b = B.data + v0 * ps;
+  for (int64_t k2 = 0; k2 < K2; ++k2, b += 2 * L) {
+    __m512bh bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_load_si512(b + j * ps);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, ar[i] + 2 * k2, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int j = 0; j < NV; ++j)
+        acc[i][j] = reinterpret_cast<V>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[i][j]), av, bv[j]));
+    }
+  }
+  epi(m0, v0, acc);
+}
+
+template <int MR, int NV, typename Epi>
+inline void gemm_bf16_rows(const c10::BFloat16* a, int64_t lda, int64_t m0, int64_t m1,
+                           const PackedBf16& B, int64_t v0, Epi& epi) {
+  for (; m0 + MR <= m1; m0 += MR) gemm_bf16_tile<MR, NV>(a, lda, B, m0, v0, epi);
+  if constexpr (MR > 1) {
+    if (m0 < m1) gemm_bf16_rows<(MR + 1) / 2, NV>(a, lda, m0, m1, B, v0, epi);
+  }
+}
+
+// y = A B for M rows of bfloat16 A (row stride lda, K contiguous channels) and a packed B;
+// the epilogue sees float32 tiles, each (row, vector) once, as gemm's.
+template <typename Epi>
+void gemm(const c10::BFloat16* A, int64_t lda, int64_t M, const PackedBf16& B, Epi&& epi) {
+  if (M <= 0) return;
+  int64_t v0 = 0;
+  for (; v0 + 4 <= B.nv; v0 += 4) gemm_bf16_rows<6, 4>(A, lda, 0, M, B, v0, epi);
+  if (B.nv - v0 == 3) gemm_bf16_rows<8, 3>(A, lda, 0, M, B, v0, epi);
+  if (B.nv - v0 == 2) gemm_bf16_rows<8, 2>(A, lda, 0, M, B, v0, epi);
+  if (B.nv - v0 == 1) gemm_bf16_rows<8, 1>(A, lda, 0, M, B, v0, epi);
+}
+#endif  // AVX512_BF16
 
 }  // namespace
 }  // namespace segnext

@@ -46,9 +46,11 @@ inline int64_t chunk_rows(int64_t W, int64_t Hdp, int64_t elem) {
   return std::max<int64_t>(1, (l2_cache_bytes() / 2 / row_bytes - 2) / 2);
 }
 
-template <typename scalar_t, typename T>
-void mlp_forward_cl(const at::Tensor& x, const PackedB<T>& w1p, const PackedFilter<T>& f,
-                    const PackedB<T>& w2p, const at::Tensor& b2, at::Tensor& y) {
+// act_t: the element type of the GELU rows fc2 reads (T, or bfloat16 for bfloat16 GEMMs);
+// P1, P2: the packed fc1 and fc2 weights (gemm.h's PackedB<T> or PackedBf16).
+template <typename scalar_t, typename T, typename act_t, typename P1, typename P2>
+void mlp_forward_cl(const at::Tensor& x, const P1& w1p, const PackedFilter<T>& f,
+                    const P2& w2p, const at::Tensor& b2, at::Tensor& y) {
   constexpr int L = Lanes<T>::L;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hdp = f.Cp;  // hidden channels padded to whole vectors
@@ -73,14 +75,14 @@ void mlp_forward_cl(const at::Tensor& x, const PackedB<T>& w1p, const PackedFilt
 
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
     Carver sizing(nullptr);
-    sizing.take<T>(S * row), sizing.take<T>(R * row), sizing.take<T>(row);
+    sizing.take<T>(S * row), sizing.take<act_t>(R * row), sizing.take<T>(row);
     Carver cv(static_cast<char*>(tls_scratch.get(sizing.used())));
     T* ring = cv.take<T>(S * row);
-    T* act = cv.take<T>(R * row);
+    act_t* act = cv.take<act_t>(R * row);
     T* pad_row = cv.take<T>(row);  // rows outside the image: fc1 without bias there is -b1
     if (poison_outputs()) {  // a ring or chunk row read before it is written shows up
       std::fill(ring, ring + S * row, std::numeric_limits<T>::quiet_NaN());
-      std::fill(act, act + R * row, std::numeric_limits<T>::quiet_NaN());
+      std::fill(act, act + R * row, static_cast<act_t>(std::numeric_limits<T>::quiet_NaN()));
     }
     for (int64_t w = 0; w < W; ++w) std::copy(f.pad.begin(), f.pad.end(), pad_row + w * Hdp);
 
@@ -177,10 +179,21 @@ at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     PackedFilter<T> f(wd.detach(), bd.detach(), Hd);
     f.fold_input_bias(b1.detach(), Hd);
-    // (the weights as passed: the cache knows them by their TensorImpl)
+    // (the weights as passed: the cache knows them by their TensorImpl). fc2 reads the
+    // padded hidden rows.
+#ifdef SEGNEXT_GEMM_BF16
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (C % 2 == 0) {  // bfloat16 dot products; the GELU rows rounded to bfloat16 for fc2
+        const auto w1p = packed<PackedBf16>(w1, C);
+        const auto w2p = packed<PackedBf16>(w2, f.Cp);
+        mlp_forward_cl<scalar_t, T, c10::BFloat16>(xc, *w1p, f, *w2p, b2.detach(), y);
+        return;
+      }
+    }
+#endif
     const auto w1p = packed_weight<T>(w1, C);
-    const auto w2p = packed_weight<T>(w2, f.Cp);  // fc2 reads the padded hidden rows
-    mlp_forward_cl<scalar_t, T>(xc, *w1p, f, *w2p, b2.detach(), y);
+    const auto w2p = packed_weight<T>(w2, f.Cp);
+    mlp_forward_cl<scalar_t, T, T>(xc, *w1p, f, *w2p, b2.detach(), y);
   });
   at::Tensor out = at::empty_like(x);
   if (out.strides() == y.strides()) return y;

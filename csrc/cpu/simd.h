@@ -237,9 +237,39 @@ constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
 // gelu(z) = z Phi(z), Phi the standard normal CDF (nn.GELU with approximate='none').
+// Phi(z) = 1/2 + erf(z / sqrt 2) / 2 = 1/2 + z P'(z^2) / Q'(z^2): verf's rational function with
+// x = z / sqrt 2 and the 1/2 folded into its coefficients (powers of 2 apart from 1/sqrt 2), so
+// that Phi costs no more than erf; beyond verf's saturation point (x = 3.92) Phi is 1 or 0.
+namespace gelu_detail {
+constexpr double kP[7] = {-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+                          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+                          -1.60960333262415e-02};  // verf's P, x^12 .. x^0
+constexpr double kQ[5] = {-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+                          -7.37332916720468e-03, -1.42647390514189e-02};  // Q, x^8 .. x^0
+constexpr float p(int i) {  // coefficient of z^(2 (6 - i)): / 2^(6 - i), * (1/2) / sqrt 2
+  double c = kP[i] * 0.5 * kSqrtHalf;
+  for (int k = i; k < 6; ++k) c *= 0.5;
+  return static_cast<float>(c);
+}
+constexpr float q(int i) {  // coefficient of z^(2 (4 - i)): / 2^(4 - i)
+  double c = kQ[i];
+  for (int k = i; k < 4; ++k) c *= 0.5;
+  return static_cast<float>(c);
+}
+}  // namespace gelu_detail
+
 inline vec_t<float> vgelu(vec_t<float> z) {
-  const vec_t<float> half = vsplat(0.5f);
-  return z * (half + half * verf(z * vsplat(static_cast<float>(kSqrtHalf))));
+  using namespace gelu_detail;
+  const vec_t<float> z2 = z * z;
+  vec_t<float> pp = vsplat(p(0));
+  for (int i = 1; i < 7; ++i) pp = pp * z2 + vsplat(p(i));
+  vec_t<float> qq = vsplat(q(0));
+  for (int i = 1; i < 5; ++i) qq = qq * z2 + vsplat(q(i));
+  // Q' < 0 everywhere: never 0. For |z| beyond the saturation point (z^2 overflowing included)
+  // the selects below replace whatever the rational function gave; NaN passes through.
+  const vec_t<float> phi = vsplat(0.5f) + z * pp * vrecip(qq);
+  const float sat = static_cast<float>(3.92 / kSqrtHalf);
+  return z * (z >= vsplat(sat) ? vsplat(1.0f) : (z <= vsplat(-sat) ? vsplat(0.0f) : phi));
 }
 inline vec_t<double> vgelu(vec_t<double> z) {
   for (int l = 0; l < Lanes<double>::L; ++l) z[l] = z[l] * 0.5 * (1.0 + std::erf(z[l] * kSqrtHalf));

@@ -23,10 +23,10 @@
 namespace segnext {
 namespace {
 
-template <typename T>
+template <typename P>
 class PackedWeightCache {
  public:
-  std::shared_ptr<const PackedB<T>> get(const at::Tensor& w, int64_t K) {
+  std::shared_ptr<const P> get(const at::Tensor& w, int64_t K) {
     if (w.is_inference() || !w.defined()) return pack(w, K);
     const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
     std::lock_guard<std::mutex> lock(mu_);
@@ -58,18 +58,16 @@ class PackedWeightCache {
     int64_t K;
     at::ScalarType dtype;
     std::vector<int64_t> sizes, strides;
-    std::shared_ptr<const PackedB<T>> packed;
+    std::shared_ptr<const P> packed;
   };
   static constexpr int64_t kMaxBytes = int64_t(512) << 20;
 
-  static std::shared_ptr<const PackedB<T>> pack(const at::Tensor& w, int64_t K) {
-    auto p = std::make_shared<PackedB<T>>();
+  static std::shared_ptr<const P> pack(const at::Tensor& w, int64_t K) {
+    auto p = std::make_shared<P>();
     pack_weight(*p, w, K);
     return p;
   }
-  static int64_t packed_bytes(const PackedB<T>& p) {
-    return p.nv * p.K * Lanes<T>::L * static_cast<int64_t>(sizeof(T));
-  }
+  static int64_t packed_bytes(const P& p) { return p.bytes(); }
   void drop_expired() {
     for (size_t i = 0; i < entries_.size();) {
       if (entries_[i].impl.expired()) {
@@ -86,11 +84,16 @@ class PackedWeightCache {
   int64_t bytes_ = 0;
 };
 
-// The packed B of y = A weight^T (see pack_weight), from this translation unit's cache.
+// The packed B of y = A weight^T (see pack_weight), from this translation unit's cache; P is
+// PackedB<T> or PackedBf16.
+template <typename P>
+std::shared_ptr<const P> packed(const at::Tensor& w, int64_t K) {
+  static PackedWeightCache<P> cache;
+  return cache.get(w, K);
+}
 template <typename T>
 std::shared_ptr<const PackedB<T>> packed_weight(const at::Tensor& w, int64_t K) {
-  static PackedWeightCache<T> cache;
-  return cache.get(w, K);
+  return packed<PackedB<T>>(w, K);
 }
 
 }  // namespace
