@@ -29,30 +29,45 @@ def has_running_stats(norm: nn.Module) -> bool:
         norm.running_mean is not None and norm.running_var is not None
 
 
+def wide(t):
+    """Folding arithmetic runs in float32 at least (a bfloat16 model rounds once, at the end)."""
+    return None if t is None else (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+
+
 def bn_affine(norm: nn.Module):
-    """An eval-mode batch norm as y = s * x + t (per channel)."""
-    s = torch.rsqrt(norm.running_var + norm.eps)
+    """An eval-mode batch norm as y = s * x + t (per channel), in float32 at least."""
+    s = torch.rsqrt(wide(norm.running_var) + norm.eps)
     if norm.weight is not None:
-        s = s * norm.weight
-    t = -norm.running_mean * s
-    return s, (t + norm.bias if norm.bias is not None else t)
+        s = s * wide(norm.weight)
+    t = -wide(norm.running_mean) * s
+    return s, (t + wide(norm.bias) if norm.bias is not None else t)
 
 
 def fold_bn_into_conv(conv: nn.Conv2d, norm: nn.Module):
-    """(weight, bias) of conv followed by the eval-mode batch norm ``norm``."""
+    """(weight, bias) of conv followed by the eval-mode batch norm ``norm``, in the conv's
+    dtype."""
     s, t = bn_affine(norm)
-    w = conv.weight * s.reshape(-1, 1, 1, 1)
-    b = t if conv.bias is None else conv.bias * s + t
-    return w, b
+    w = wide(conv.weight) * s.reshape(-1, 1, 1, 1)
+    b = t if conv.bias is None else wide(conv.bias) * s + t
+    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
 
 
-def cached(module: nn.Module, name: str, sources: Sequence[torch.Tensor], make: Callable):
+def autocast_dtype(x: torch.Tensor):
+    """The dtype autocast computes convs in for ``x``, or None when autocast is off."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def cached(module: nn.Module, name: str, sources: Sequence[torch.Tensor], make: Callable,
+           extra=None):
     """``make()``, kept on ``module`` (as the attribute ``name``, not state) until one of
-    ``sources`` changes storage or version. While tracing (torch.compile) it is recomputed in
-    the graph, without a cache."""
+    ``sources`` changes storage or version (or ``extra`` changes). While tracing
+    (torch.compile) it is recomputed in the graph, without a cache."""
     compiling = torch.compiler.is_compiling()
     key = None if compiling else tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                                       for t in sources)
+                                       for t in sources) + (extra,)
     hit = module.__dict__.get(name)
     if key is not None and hit is not None and hit[0] == key:
         return hit[1]

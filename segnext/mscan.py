@@ -23,8 +23,8 @@ from segnext_kernels import MSCA, conv1x1, mlp
 from segnext_kernels.dispatch import Problem, layout_of, select
 from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
-from ._fold import (bn_affine, cached, fold_bn_into_conv, fused_inference, has_running_stats,
-                    sources_of)
+from ._fold import (autocast_dtype, bn_affine, cached, fold_bn_into_conv, fused_inference,
+                    has_running_stats, sources_of, wide)
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -203,18 +203,25 @@ class Block(nn.Module):
     def _fold(self):
         attn, mlp_ = self.attn, self.mlp
         (s1, t1), (s2, t2) = bn_affine(self.norm1), bn_affine(self.norm2)
-        ls1, ls2 = self.layer_scale_1, self.layer_scale_2
+        ls1, ls2 = wide(self.layer_scale_1), wide(self.layer_scale_2)
         p1, p2, f1, f2 = attn.proj_1, attn.proj_2, mlp_.fc1, mlp_.fc2
+        W1, B1, W2, B2 = wide(p1.weight), wide(p1.bias), wide(p2.weight), wide(p2.bias)
+        F1, G1, F2, G2 = wide(f1.weight), wide(f1.bias), wide(f2.weight), wide(f2.bias)
         # x + ls1 * (proj_2(m) + n1) = (1 + ls1 s1) x + ls1 (b2 + t1) + (ls1 W2) m
-        return dict(
-            p1w=p1.weight * s1[None, :, None, None], p1b=p1.bias + p1.weight.flatten(1) @ t1,
-            p2w=p2.weight * ls1[:, None, None, None], p2b=ls1 * (p2.bias + t1),
+        folded = dict(
+            p1w=W1 * s1[None, :, None, None], p1b=B1 + W1.flatten(1) @ t1,
+            p2w=W2 * ls1[:, None, None, None], p2b=ls1 * (B2 + t1),
             a1=(1 + ls1 * s1)[None, :, None, None],
-            f1w=f1.weight * s2[None, :, None, None], f1b=f1.bias + f1.weight.flatten(1) @ t2,
-            f2w=f2.weight * ls2[:, None, None, None], f2b=ls2 * f2.bias)
+            f1w=F1 * s2[None, :, None, None], f1b=G1 + F1.flatten(1) @ t2,
+            f2w=F2 * ls2[:, None, None, None], f2b=ls2 * G2)
+        return {k: v.to(p1.weight.dtype) for k, v in folded.items()}
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         w = self._folded_weights()
+        dt = autocast_dtype(x)
+        if dt is not None and w["p1w"].dtype != dt:  # cast once, not by the ops on every call
+            w = cached(self, "_folded_autocast_cache", list(w.values()),
+                       lambda: {k: v.to(dt) for k, v in w.items()}, extra=dt)
         attn = self.attn
         # The 1x1 convs with their elementwise pass fused (GELU; the shortcut, a1 x).
         act = attn.activation
