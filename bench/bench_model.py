@@ -34,7 +34,7 @@ def configs(cfg: Config) -> List[Tuple[str, str, int, int]]:
                 ("b", "infer", 16, 512), ("b", "train", 8, 512)]
     if cfg.size == "quick":
         return [("t", "infer", 1, 256), ("t", "train", 1, 256)]
-    return [("t", "infer", 1, 512), ("t", "train", 2, 256)]
+    return [("t", "infer", 1, 512), ("b", "infer", 1, 512), ("t", "train", 2, 256)]
 
 
 def _model(size: str, cfg: Config, layout: str, train: bool):

@@ -32,6 +32,13 @@ TORCH_LIBRARY(segnext, m) {
   // The whole MSCAN MLP, fc2(gelu(dw3x3(fc1(x)))), for inference (csrc/cpu/mlp_cpu.cpp).
   m.def("mlp_fwd(Tensor x, Tensor w1, Tensor b1, Tensor wd, Tensor bd, Tensor w2, Tensor b2) "
         "-> Tensor");
+  // NMF2D of the Hamburger head, inference (csrc/cpu/nmf_cpu.cpp): x (B, C, H, W) >= 0, bases
+  // (B*S, C/S, R); returns the reconstruction in float32 (float64 for float64 x), x's layout.
+  m.def("nmf2d_fwd(Tensor x, Tensor bases, int S, int steps, float eps, float inv_t) -> Tensor");
+  // 1x1 conv with its epilogue, inference (csrc/cpu/conv1x1_cpu.cpp):
+  // act(conv(x, weight) + bias) [+ scale * residual], act "none", "gelu" or "relu".
+  m.def("conv1x1_fwd(Tensor x, Tensor weight, Tensor? bias, str act, Tensor? residual, "
+        "Tensor? scale) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnext_kernels import MSCA, mlp
+from segnext_kernels import MSCA, conv1x1, mlp
 from segnext_kernels.dispatch import Problem, layout_of, select
 from segnext_kernels.mlp.module import depthwise_conv, mlp_forward
 
+from ._fold import (autocast_dtype, bn_affine, cached, fold_bn_into_conv, fused_inference,
+                    has_running_stats, sources_of, wide)
 from ._validate import check_image_batch, check_int, check_ints, check_probability, check_real
 
 NormLayer = Callable[[int], nn.Module]
@@ -76,6 +78,14 @@ class StemConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv1, norm1, act, conv2, norm2 = self.proj
+        if fused_inference(self, x) and has_running_stats(norm1) and has_running_stats(norm2):
+            (w1, b1), (w2, b2) = cached(self, "_folded_cache",
+                                        sources_of(conv1, norm1, conv2, norm2),
+                                        lambda: (fold_bn_into_conv(conv1, norm1),
+                                                 fold_bn_into_conv(conv2, norm2)))
+            x = act(F.conv2d(x, w1, b1, conv1.stride, conv1.padding))
+            return F.conv2d(x, w2, b2, conv2.stride, conv2.padding)
         return self.proj(x)
 
 
@@ -90,6 +100,10 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = norm_layer(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_inference(self, x) and has_running_stats(self.norm):  # the norm in the conv
+            w, b = cached(self, "_folded_cache", sources_of(self.proj, self.norm),
+                          lambda: fold_bn_into_conv(self.proj, self.norm))
+            return F.conv2d(x, w, b, self.proj.stride, self.proj.padding)
         return self.norm(self.proj(x))
 
 
@@ -185,39 +199,38 @@ class Block(nn.Module):
                    self.layer_scale_1, self.layer_scale_2]
         for n in (self.norm1, self.norm2):
             sources += [t for t in (n.weight, n.bias, n.running_mean, n.running_var) if t is not None]
-        compiling = torch.compiler.is_compiling()  # traced: fold in the graph, no cache
-        key = None if compiling else tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                                           for t in sources)
-        cached = getattr(self, "_folded_cache", None)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        return cached(self, "_folded_cache", sources, self._fold)
 
-        def affine(n):  # eval-mode batch norm as y = s * x + t
-            s = torch.rsqrt(n.running_var + n.eps)
-            if n.weight is not None:
-                s = s * n.weight
-            t = -n.running_mean * s
-            return s, (t + n.bias if n.bias is not None else t)
-
-        (s1, t1), (s2, t2) = affine(self.norm1), affine(self.norm2)
-        ls1, ls2 = self.layer_scale_1, self.layer_scale_2
+    def _fold(self):
+        attn, mlp_ = self.attn, self.mlp
+        (s1, t1), (s2, t2) = bn_affine(self.norm1), bn_affine(self.norm2)
+        ls1, ls2 = wide(self.layer_scale_1), wide(self.layer_scale_2)
         p1, p2, f1, f2 = attn.proj_1, attn.proj_2, mlp_.fc1, mlp_.fc2
+        W1, B1, W2, B2 = wide(p1.weight), wide(p1.bias), wide(p2.weight), wide(p2.bias)
+        F1, G1, F2, G2 = wide(f1.weight), wide(f1.bias), wide(f2.weight), wide(f2.bias)
         # x + ls1 * (proj_2(m) + n1) = (1 + ls1 s1) x + ls1 (b2 + t1) + (ls1 W2) m
         folded = dict(
-            p1w=p1.weight * s1[None, :, None, None], p1b=p1.bias + p1.weight.flatten(1) @ t1,
-            p2w=p2.weight * ls1[:, None, None, None], p2b=ls1 * (p2.bias + t1),
+            p1w=W1 * s1[None, :, None, None], p1b=B1 + W1.flatten(1) @ t1,
+            p2w=W2 * ls1[:, None, None, None], p2b=ls1 * (B2 + t1),
             a1=(1 + ls1 * s1)[None, :, None, None],
-            f1w=f1.weight * s2[None, :, None, None], f1b=f1.bias + f1.weight.flatten(1) @ t2,
-            f2w=f2.weight * ls2[:, None, None, None], f2b=ls2 * f2.bias)
-        if key is not None:
-            object.__setattr__(self, "_folded_cache", (key, folded))  # not state: no buffer
-        return folded
+            f1w=F1 * s2[None, :, None, None], f1b=G1 + F1.flatten(1) @ t2,
+            f2w=F2 * ls2[:, None, None, None], f2b=ls2 * G2)
+        return {k: v.to(p1.weight.dtype) for k, v in folded.items()}
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         w = self._folded_weights()
+        dt = autocast_dtype(x)
+        if dt is not None and w["p1w"].dtype != dt:  # cast once, not by the ops on every call
+            w = cached(self, "_folded_autocast_cache", list(w.values()),
+                       lambda: {k: v.to(dt) for k, v in w.items()}, extra=dt)
         attn = self.attn
-        u = attn.activation(F.conv2d(x, w["p1w"], w["p1b"]))
-        x = F.conv2d(attn.spatial_gating_unit(u), w["p2w"], w["p2b"]).addcmul_(x, w["a1"])
+        # The 1x1 convs with their elementwise pass fused (GELU; the shortcut, a1 x).
+        act = attn.activation
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            u = conv1x1(x, w["p1w"], w["p1b"], act="gelu")
+        else:
+            u = act(F.conv2d(x, w["p1w"], w["p1b"]))
+        x = conv1x1(attn.spatial_gating_unit(u), w["p2w"], w["p2b"], residual=x, scale=w["a1"])
         conv = depthwise_conv(self.mlp.dwconv)
         return mlp(x, w["f1w"], w["f1b"], conv.weight, conv.bias, w["f2w"], w["f2b"]).add_(x)
 

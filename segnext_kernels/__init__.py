@@ -1,12 +1,14 @@
 """segnext-kernels: fused MSCA and NMF2D kernels for SegNeXt.
 
-Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``strip_conv``, the references
+Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``conv1x1``,
+``strip_conv``, the references
 (``msca_ref``, ``nmf_decompose_ref``), backend selection (``available_backends``,
 ``use_backend``, ``set_backend``, ``get_backend``, ``op_backends``) and ``record_kernels`` (which
 kernels ran).
 """
 from . import _extension
 from . import kernels  # noqa: F401  (the kernel table dispatch reads)
+from .conv1x1 import conv1x1, conv1x1_ref
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .dispatch import op_backends, record_kernels
 from .dwconv_gelu import dwconv_gelu, dwconv_gelu_ref
@@ -25,7 +27,7 @@ __all__ = [
     "MSCA", "MSCAWeights", "msca", "msca_ref",
     "NMF2D", "nmf2d", "nmf_decompose_ref", "draw_bases",
     "strip_conv", "strip_conv_ref", "dwconv_gelu", "dwconv_gelu_ref",
-    "mlp", "mlp_ref", "FusedMlp", "patch", "unpatch",
+    "mlp", "mlp_ref", "FusedMlp", "conv1x1", "conv1x1_ref", "patch", "unpatch",
     "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
     "record_kernels",
     "__version__",

@@ -75,20 +75,13 @@ register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
 
 # ---- mlp (inference only) ------------------------------------------------------------------
 
-# The fused MLP wins where eager's hidden activation (4-8x the input) no longer stays in the
-# caches between its four passes; below, oneDNN's whole-tensor 1x1 GEMMs are faster than the
-# fused op's per-band GEMMs.
-MLP_FUSED_MIN_HIDDEN_BYTES = 12 << 20
-
-
-def _mlp_cpu_faster(p: Problem) -> bool:
-    B, _, H, W = p.shape
-    return B * p.size("hidden") * H * W * p.dtype.itemsize >= MLP_FUSED_MIN_HIDDEN_BYTES
-
-
+# The fused MLP (its 1x1 convs on register-tiled AVX-512 GEMMs, packed weights cached) is
+# faster than the best eager layout at every MSCAN stage of SegNeXt-T/S/B at 512x512, in both
+# layouts: 1.08-1.65x channels-last, 1.08-2.8x NCHW (Zen 5, CPU time with the allocator warmed;
+# bench/results/crossover_cpu_zen5.md).
 register(Kernel("mlp", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("mlp_fwd", "CPU"), faster=_mlp_cpu_faster,
-                note="faster once the hidden activation is >= 12 MiB"))
+                present=_cxx_kernel("mlp_fwd", "CPU"),
+                note="1.08-1.65x the best eager layout at every SegNeXt-T/S/B stage (Zen 5)"))
 
 # ---- nmf2d --------------------------------------------------------------------------------
 
@@ -108,6 +101,18 @@ def _nmf_triton_limits(p: Problem):
 
 register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_triton_limits,
                 device_limits=_triton_device_limits))
+# Inference only; reads the (B, C, H, W) map in place in either layout (channels-last fastest).
+register(Kernel("nmf2d", "cpu", (F32, F64), backward=False, present=_cxx_kernel("nmf2d_fwd", "CPU"),
+                note="3-4x the reference at the SegNeXt-T/B heads (Zen 5)"))
+
+# ---- conv1x1 (inference only) --------------------------------------------------------------
+
+# Channels-last only: another layout is copied to channels-last first.
+register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
+                present=_cxx_kernel("conv1x1_fwd", "CPU"),
+                faster=lambda p: p.layout == "channels_last",
+                note="channels-last 1.1-4x eager conv + GELU / + scaled shortcut at every MSCAN "
+                     "projection of SegNeXt-T and -B (Zen 5)"))
 
 # ---- strip_conv (forward only) ---------------------------------------------------------------
 

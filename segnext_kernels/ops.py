@@ -14,7 +14,7 @@ Kernels per backend (each imported lazily, on first use):
 from __future__ import annotations
 
 import importlib
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -316,3 +316,76 @@ def nmf2d_fused(X: Tensor, bases: Tensor, steps: int, eps: float, inv_t: float, 
     """Reconstruction (b, D, N) of X (b, D, N) from bases (b, D, R), both contiguous float32."""
     save = torch.is_grad_enabled() and (X.requires_grad or bases.requires_grad)
     return nmf2d_op(X, bases, steps, eps, inv_t, grad, save, backend)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# nmf2d, cpu backend: inference only (csrc/cpu/nmf_cpu.cpp). It takes the (B, C, H, W) map
+# itself (channels-last holds Xᵀ, which its GEMMs read in place), S groups of D = C/S channels,
+# and checks that x is non-negative as it reads it; returns float32 (float64 for float64 x).
+# --------------------------------------------------------------------------------------------
+def _nmf2d_cpu_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+if _cxx_kernel("nmf2d_fwd", "CPU"):
+    @torch.library.register_fake("segnext::nmf2d_fwd")
+    def _(x, bases, S, steps, eps, inv_t):
+        return torch.empty_like(x, dtype=_nmf2d_cpu_dtype(x))
+
+
+@torch.library.custom_op("segnext::nmf2d_cpu", mutates_args=())
+def nmf2d_cpu_op(x: Tensor, bases: Tensor, S: int, steps: int, eps: float,
+                 inv_t: float) -> Tensor:
+    _one_device("nmf2d", [("x", x), ("bases", bases)])
+    _extension.require()
+    ran("nmf2d", "cpu")
+    return torch.ops.segnext.nmf2d_fwd(x, bases, S, steps, eps, inv_t)
+
+
+@nmf2d_cpu_op.register_fake
+def _(x, bases, S, steps, eps, inv_t):
+    _one_device("nmf2d", [("x", x), ("bases", bases)])
+    return torch.empty_like(x, dtype=_nmf2d_cpu_dtype(x))
+
+
+def nmf2d_cpu(x: Tensor, bases: Tensor, S: int, steps: int, eps: float, inv_t: float) -> Tensor:
+    """Reconstruction (B, C, H, W) of x (B, C, H, W) >= 0 from bases (B*S, C/S, R)."""
+    return nmf2d_cpu_op(x, bases.contiguous(), S, steps, eps, inv_t)
+
+
+# --------------------------------------------------------------------------------------------
+# conv1x1: a 1x1 conv with its epilogue (activation, scaled residual), inference only
+# (csrc/cpu/conv1x1_cpu.cpp); the functional runs the reference when autograd needs a graph.
+# --------------------------------------------------------------------------------------------
+def _conv1x1_out(x: Tensor, weight: Tensor) -> Tensor:
+    B, _, H, W = x.shape
+    return x.new_empty((B, weight.shape[0], H, W)).contiguous(memory_format=memory_format_of(x))
+
+
+if _cxx_kernel("conv1x1_fwd", "CPU"):
+    @torch.library.register_fake("segnext::conv1x1_fwd")
+    def _(x, weight, bias, act, residual, scale):
+        return _conv1x1_out(x, weight)
+
+
+@torch.library.custom_op("segnext::conv1x1", mutates_args=())
+def conv1x1_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
+               residual: Optional[Tensor], scale: Optional[Tensor], backend: str) -> Tensor:
+    named = [("x", x), ("weight", weight)] + [(n, t) for n, t in (("bias", bias),
+             ("residual", residual), ("scale", scale)) if t is not None]
+    _one_device("conv1x1", named)
+    if backend != "cpu":
+        raise ValueError(f"conv1x1 has no fused kernel for backend {backend!r}")
+    _extension.require()
+    ran("conv1x1", backend)
+    return torch.ops.segnext.conv1x1_fwd(x, weight, bias, act, residual, scale)
+
+
+@conv1x1_op.register_fake
+def _(x, weight, bias, act, residual, scale, backend):
+    return _conv1x1_out(x, weight)
+
+
+def conv1x1_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
+                  residual: Optional[Tensor], scale: Optional[Tensor], backend: str) -> Tensor:
+    return conv1x1_op(x, weight, bias, act, residual, scale, backend)

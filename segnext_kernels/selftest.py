@@ -190,6 +190,8 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
     from .ops import nmf2d_fused
 
     b, D, N, R, steps = case
+    if not dispatch.kernel("nmf2d", backend).backward:
+        return _nmf2d_inference_case(backend, inp, case)
     out: Compared = []
     for grad in ("unrolled", "one_step"):
         X = inp.cast(inp.rand((b, D, N), 0.1, 1.0))
@@ -211,7 +213,63 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
     return out
 
 
+def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
+    """An inference-only NMF kernel (cpu): the forward on the (b, D, H, W) map, in the layout,
+    with S = 1 and, for D even, S = 2 groups."""
+    from .nmf.reference import nmf_decompose_ref
+    from .ops import nmf2d_cpu
+
+    b, D, N, R, steps = case
+    H, W = (N, 1) if N % 2 else (N // 2, 2)
+    out: Compared = []
+    for S in (1, 2) if D % 2 == 0 else (1,):
+        x = inp.cast(inp.rand((b, D, H, W), 0.1, 1.0), grad=False, image=True)
+        B0 = inp.rand((b * S, D // S, R), 0.05, 1.0)
+        B0 = inp.cast(B0 / B0.norm(dim=1, keepdim=True), grad=False)
+        with torch.no_grad():
+            Y = nmf2d_cpu(x, B0, S, steps, 1e-6, 1.0)
+        bad = _layout_problem(Y, x, inp.layout)
+        if bad:
+            return bad
+        refs = []
+        for dt in (F64, x.dtype):  # float64, and the kernel's dtype: the rounding noise
+            Xr = x.detach().to("cpu", dt).reshape(b * S, D // S, N)
+            Yr = nmf_decompose_ref(Xr, B0.detach().to("cpu", dt), steps, 1e-6, 1.0)
+            refs.append(Yr.reshape(b, D, H, W))
+        out.append((f"S={S} Y", Y, refs[0], refs[1]))
+    return out
+
+
+# (x shape, out channels): a channel tail on both sides, 1-pixel and prime-sized maps
+CONV1X1_CASES = (((2, 17, 5, 7), 33), ((1, 32, 3, 1), 16), ((1, 3, 1, 1), 1))
+
+
+def _conv1x1_case(backend, inp: _Inputs, case) -> Compared | str:
+    from .conv1x1 import conv1x1_ref
+    from .ops import conv1x1_fused
+
+    shape, N = case
+    B, K, H, W = shape
+    x = inp.cast(inp.randn(shape), grad=False, image=True)
+    w = inp.cast(inp.randn((N, K, 1, 1), K ** -0.5), grad=False)
+    b = inp.cast(inp.randn((N,)), grad=False)
+    r = inp.cast(inp.randn((B, N, H, W)), grad=False, image=True)
+    s = inp.cast(inp.randn((N,)), grad=False)
+    out: Compared = []
+    for act, res in (("gelu", False), ("none", True), ("relu", True)):
+        with torch.no_grad():
+            y = conv1x1_fused(x, w, b, act, r if res else None, s if res else None, backend)
+        bad = _layout_problem(y, r, inp.layout)
+        if bad:
+            return bad
+        ref = conv1x1_ref(_leaf64(x), _leaf64(w), _leaf64(b), act, _leaf64(r) if res else None,
+                          _leaf64(s) if res else None)
+        out.append((f"{act}{' + residual' if res else ''}", y, ref))
+    return out
+
+
 CASES: Dict[str, Tuple[Callable, Sequence]] = {
+    "conv1x1": (_conv1x1_case, CONV1X1_CASES),
     "msca": (_msca_case, MSCA_SHAPES),
     "dwconv_gelu": (_dwconv_gelu_case, DWCONV_GELU_SHAPES),
     "mlp": (_mlp_case, MLP_SHAPES),

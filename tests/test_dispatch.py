@@ -55,6 +55,10 @@ def _call(op, backend, device="cpu"):
         return sk.mlp(x.to(device), *[w.to(device) for w in ws], backend=backend)
     if op == "nmf2d":
         return sk.nmf2d(torch.rand(1, 8, 3, 3, device=device), R=2, steps=1, backend=backend)
+    if op == "conv1x1":
+        x = torch.randn(1, 4, 5, 6, device=device)
+        return sk.conv1x1(x, torch.randn(7, 4, 1, 1, device=device), torch.randn(7, device=device),
+                          act="gelu", backend=backend)
     if op == "strip_conv":
         return sk.strip_conv(torch.randn(1, 3, 5, 9, device=device),
                              torch.randn(3, 1, 1, 7, device=device), torch.randn(3, device=device),
@@ -62,7 +66,7 @@ def _call(op, backend, device="cpu"):
     raise AssertionError(op)
 
 
-OPS = ("msca", "dwconv_gelu", "mlp", "nmf2d", "strip_conv")
+OPS = ("msca", "dwconv_gelu", "mlp", "nmf2d", "conv1x1", "strip_conv")
 
 
 # ---------------------------------------------------------------------------------- names
@@ -175,7 +179,7 @@ def test_explicit_backend_for_another_device_raises_naming_both(op):
             _call(op, None, device="meta")
 
 
-@pytest.mark.parametrize("op", ["msca", "dwconv_gelu", "mlp", "strip_conv"])
+@pytest.mark.parametrize("op", ["msca", "dwconv_gelu", "mlp", "conv1x1", "strip_conv"])
 def test_auto_and_reference_run_on_any_device(op):
     for name in ("auto", "reference"):
         out = _call(op, name, device="meta")
@@ -233,23 +237,23 @@ def test_auto_picks_the_cpu_msca_and_records_it():
 
 
 @needs_cpu
-def test_auto_takes_the_fused_mlp_only_where_it_is_faster():
-    from segnext_kernels.kernels import MLP_FUSED_MIN_HIDDEN_BYTES
+def test_auto_takes_the_fused_mlp_for_inference_and_not_with_a_gradient():
+    # The fused MLP is faster than eager at every SegNeXt stage (kernels.py): auto takes it for
+    # inference at any size and layout; it has no backward, so a gradient runs fc1 -> dwconv_gelu -> fc2.
     small_x, small_ws = _mlp_inputs()
-    C, hidden = 32, 256
-    side = 1
-    while hidden * side * side * 4 < MLP_FUSED_MIN_HIDDEN_BYTES:
-        side *= 2
-    big_x, big_ws = _mlp_inputs(C, hidden, (1, C, side, side))
+    big_x, big_ws = _mlp_inputs(32, 256, (1, 32, 64, 64))
     big_x = big_x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        with sk.record_kernels() as ran:
-            sk.mlp(small_x, *small_ws)
-        assert ("mlp", "cpu") not in ran and ran[("dwconv_gelu", "cpu")] == 1
-        with sk.record_kernels() as ran:
-            out = sk.mlp(big_x, *big_ws)
-        assert ran == {("mlp", "cpu"): 1}
-    torch.testing.assert_close(out, sk.mlp_ref(big_x, *big_ws), rtol=1e-4, atol=1e-4)
+        for x, ws in ((small_x, small_ws), (big_x, big_ws)):
+            with sk.record_kernels() as ran:
+                out = sk.mlp(x, *ws)
+            assert ran == {("mlp", "cpu"): 1}
+            torch.testing.assert_close(out, sk.mlp_ref(x, *ws), rtol=1e-4, atol=1e-4)
+    xg = small_x.clone().requires_grad_()
+    with sk.record_kernels() as ran:
+        sk.mlp(xg, *small_ws).sum().backward()
+    assert ("mlp", "cpu") not in ran and ran[("dwconv_gelu", "reference")] + \
+        ran[("dwconv_gelu", "cpu")] == 1
 
 
 @needs_cpu

@@ -84,6 +84,21 @@ inline vec_t<T> conv_at(const scalar_t* const rows[3], const vec_t<T> wv[kTaps],
   return acc;
 }
 
+// z at the NC interior columns w..w+NC-1 for one whole channel block: the NC + 2 input columns
+// of each row are loaded once and feed NC independent accumulators (with NC = 4, taps, inputs
+// and accumulators fit the registers; 8 spills).
+template <typename T, int NC, typename scalar_t>
+inline void conv_cols(const scalar_t* const rows[3], const vec_t<T> wv[kTaps], vec_t<T> bias,
+                      int64_t w, int64_t C, vec_t<T> out[NC]) {
+  for (int c = 0; c < NC; ++c) out[c] = bias;
+  for (int i = 0; i < 3; ++i) {
+    vec_t<T> in[NC + 2];
+    for (int t = 0; t < NC + 2; ++t) in[t] = load_block<T, true>(rows[i] + (w - 1 + t) * C, 0);
+    for (int j = 0; j < 3; ++j)
+      for (int c = 0; c < NC; ++c) out[c] += wv[i * 3 + j] * in[c + j];
+  }
+}
+
 // Calls body(w0, w1, c0, n, kFull, kEdge) for every chunk of kChunk columns [w0, w1) and
 // channel block c0 (n channels) of a row: chunks outer, channel blocks inner, columns of the
 // chunk innermost. A chunk's rows are a few KB of contiguous memory, so they stream through the
@@ -110,24 +125,59 @@ inline void for_each_chunk(int64_t W, int64_t C, F&& body) {
 
 // One row of y = gelu(dw3x3(x) + b): rows[i] is input row h + i - 1 (a padding row outside
 // the image: zeros, or -b_in after fold_input_bias), each W * C values, channels-last.
-template <typename scalar_t, typename T>
+// A chunk of columns at a time: the convolution of every channel block into a small buffer
+// (in L1), then the GELU over the chunk as one flat run of values. Kept apart, each loop has
+// the vector registers to itself (fused, the filter taps and the GELU's constants spill).
+template <typename scalar_t, typename T, typename out_t = scalar_t>
 inline void dwconv_gelu_row(const scalar_t* const rows[3], const PackedFilter<T>& f,
-                            scalar_t* yrow, int64_t W, int64_t C) {
+                            out_t* yrow, int64_t W, int64_t C) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t cols = std::clamp<int64_t>(16384 / static_cast<int64_t>(sizeof(T) * C), 1, 8);
+  alignas(64) T zbuf[16384 / sizeof(T) + Lanes<T>::L];
   vec_t<T> wv[kTaps], bias, pad;
-  for_each_chunk<Lanes<T>::L>(W, C, [&](int64_t w0, int64_t w1, int64_t c0, int n, auto full,
-                                        auto edge) {
-    constexpr bool kFull = decltype(full)::value, kEdge = decltype(edge)::value;
-    load_filter(f, c0, wv, bias, pad);
-    const scalar_t* crow[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
-    for (int64_t w = w0; w < w1; ++w) {
-      const vec_t<T> out = vgelu(conv_at<T, kFull, kEdge>(crow, wv, bias, pad, w, W, C, n));
-      if constexpr (kFull) {
-        store_lanes<T>(yrow + w * C + c0, out);
+  const int64_t full = C / L * L;
+  for (int64_t w0 = 0; w0 < W; w0 += cols) {
+    const int64_t w1 = std::min(W, w0 + cols);
+    const bool edge = w0 == 0 || w1 == W;
+    auto block = [&](int64_t c0, int n, auto full_tag, auto edge_tag) {
+      constexpr bool kFull = decltype(full_tag)::value, kEdge = decltype(edge_tag)::value;
+      load_filter(f, c0, wv, bias, pad);
+      const scalar_t* crow[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
+      int64_t w = w0;
+      if constexpr (kFull && !kEdge) {
+        for (; w + 4 <= w1; w += 4) {
+          vec_t<T> z[4];
+          conv_cols<T, 4>(crow, wv, bias, w, C, z);
+          for (int c = 0; c < 4; ++c) vstoreu(zbuf + (w - w0 + c) * C + c0, z[c]);
+        }
+      }
+      for (; w < w1; ++w) {
+        const vec_t<T> z = conv_at<T, kFull, kEdge>(crow, wv, bias, pad, w, W, C, n);
+        if constexpr (kFull) {
+          vstoreu(zbuf + (w - w0) * C + c0, z);
+        } else {
+          for (int l = 0; l < n; ++l) zbuf[(w - w0) * C + c0 + l] = z[l];
+        }
+      }
+    };
+    for (int64_t c0 = 0; c0 < full; c0 += L) {
+      if (edge) {
+        block(c0, L, std::true_type{}, std::true_type{});
       } else {
-        store_lanes<T>(yrow + w * C + c0, out, n);
+        block(c0, L, std::true_type{}, std::false_type{});
       }
     }
-  });
+    if (full < C) block(full, static_cast<int>(C - full), std::false_type{}, std::true_type{});
+    // The chunk's columns are contiguous in the output row: one flat GELU pass.
+    const int64_t n = (w1 - w0) * C;
+    out_t* y = yrow + w0 * C;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) store_lanes<T>(y + i, vgelu(vloadu(zbuf + i)));
+    if (i < n) {
+      const int rest = static_cast<int>(n - i);
+      store_lanes<T>(y + i, vgelu(load_lanes<T>(zbuf + i, rest)), rest);
+    }
+  }
 }
 
 // The three input rows around row h of image b (a zero row outside the image).

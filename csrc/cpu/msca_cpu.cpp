@@ -36,6 +36,7 @@
 
 #include "device_check.h"
 #include "poison.h"
+#include "scratch.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -59,44 +60,7 @@ constexpr int kPad0 = 2;   // dw5x5's half width
 constexpr int kVRows = 4;  // output rows per call of the vertical strips
 
 
-// ------------------------------------------------------------------------------------------
-// Per-thread scratch: kept between calls, so a call pays no page faults for its rings.
-// ------------------------------------------------------------------------------------------
-class ThreadScratch {
- public:
-  ~ThreadScratch() { std::free(ptr_); }
-  void* get(size_t bytes) {
-    if (bytes > size_) {
-      std::free(ptr_);
-      size_ = round_up(static_cast<int64_t>(bytes), 4096);
-      ptr_ = std::aligned_alloc(64, size_);
-      TORCH_CHECK(ptr_ != nullptr, "msca (cpu): cannot allocate ", size_, " bytes of scratch");
-    }
-    return ptr_;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t size_ = 0;
-};
-thread_local ThreadScratch tls_scratch;
-
-// Carves 64-byte aligned pieces out of one scratch block (first pass sizes, second assigns).
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <typename T>
-  T* take(int64_t count) {
-    T* p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
-    used_ += round_up(count * static_cast<int64_t>(sizeof(T)), 64);
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
+thread_local ThreadScratch tls_scratch;  // (scratch.h)
 
 // Rows of one quantity for every channel block: [cb][slot][pad + W + pad][L].
 // row(cb, r) points at column 0 of image row r; columns -pad..-1 and W..W+pad-1 are zeros.
@@ -614,19 +578,10 @@ void load_row(T* dst, const Strided<const scalar_t>& src, int64_t b, int64_t h, 
     for (int64_t w = 0; w < W; ++w) {
       const scalar_t* sp = s + w * src.sw;
       __builtin_prefetch(sp + src.sh);  // rows are loaded in order: fetch the next one early
-      if constexpr (std::is_same_v<T, scalar_t>) {
-        vstore(dst + w * L, vloadu(sp));
-      } else {
-        for (int l = 0; l < L; ++l) dst[w * L + l] = static_cast<T>(sp[l]);
-      }
+      vstore(dst + w * L, load_lanes<T>(sp));
     }
   } else if (src.sc == 1) {  // channels-last: one pixel's channels are contiguous
-    for (int64_t w = 0; w < W; ++w) {
-      const scalar_t* sp = s + w * src.sw;
-      T* d = dst + w * L;
-      for (int l = 0; l < nl; ++l) d[l] = static_cast<T>(sp[l]);
-      for (int l = nl; l < L; ++l) d[l] = T(0);
-    }
+    for (int64_t w = 0; w < W; ++w) vstore(dst + w * L, load_lanes<T>(s + w * src.sw, nl));
   } else {  // NCHW (or any other strides): walk each channel's row
     for (int l = 0; l < nl; ++l) {
       const scalar_t* sp = s + l * src.sc;

@@ -8,6 +8,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -58,16 +61,6 @@ inline void vstoreu(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// L contiguous elements of the caller's dtype.
-template <typename T, typename scalar_t>
-inline void store_lanes(scalar_t* p, vec_t<T> v) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    vstoreu(p, v);
-  } else {
-    for (int l = 0; l < Lanes<T>::L; ++l) p[l] = static_cast<scalar_t>(v[l]);
-  }
-}
-
 // Broadcast (spelled out: `vec{} + x` costs an add, 0 + x being no identity for x = -0).
 inline vec_t<float> vsplat(float x) {
   return vec_t<float>{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
@@ -81,13 +74,53 @@ struct NoDeduceImpl {
 template <typename T>
 using NoDeduce = typename NoDeduceImpl<T>::type;  // (std::type_identity_t is C++20)
 
-// L elements of the caller's dtype, converted to the accumulation type; `n` < L loads a
-// partial vector (the channel tail), zero filled.
+// ------------------------------------------------------------------------------------------
+// L elements of the caller's dtype to and from a vector of the accumulation type; `n` < L
+// moves a partial vector (the channel tail; loads zero-fill). bfloat16 and float16 convert 16
+// lanes at a time with AVX-512 (bfloat16 rounds to nearest even, NaN kept, as c10 does);
+// other builds convert lane by lane.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+constexpr bool kHalfType =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SEGNEXT_VECTOR_HALF 1
+template <typename scalar_t>
+inline vec_t<float> half_to_float(__m256i h) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return reinterpret_cast<vec_t<float>>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return reinterpret_cast<vec_t<float>>(_mm512_cvtph_ps(h));
+  }
+}
+template <typename scalar_t>
+inline __m256i float_to_half(vec_t<float> v) {
+  const __m512 f = reinterpret_cast<__m512>(v);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // Round to nearest even on the bits; NaN becomes a quiet NaN of its sign.
+    const __m512i b = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  } else {
+    return _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+#endif
+
 template <typename T, typename scalar_t>
 inline vec_t<T> load_lanes(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, T>) {
     return vloadu(p);
   } else {
+#ifdef SEGNEXT_VECTOR_HALF
+    if constexpr (std::is_same_v<T, float> && kHalfType<scalar_t>) {
+      return half_to_float<scalar_t>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+#endif
     vec_t<T> v;
     for (int l = 0; l < Lanes<T>::L; ++l) v[l] = static_cast<T>(p[l]);
     return v;
@@ -96,13 +129,41 @@ inline vec_t<T> load_lanes(const scalar_t* p) {
 template <typename T, typename scalar_t>
 inline vec_t<T> load_lanes(const scalar_t* p, int n) {
   if (n == Lanes<T>::L) return load_lanes<T>(p);
+#ifdef SEGNEXT_VECTOR_HALF
+  if constexpr (std::is_same_v<T, float> && kHalfType<scalar_t>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    return half_to_float<scalar_t>(_mm256_maskz_loadu_epi16(m, p));
+  }
+#endif
   vec_t<T> v = vsplat(T(0));
   for (int l = 0; l < n; ++l) v[l] = static_cast<T>(p[l]);
   return v;
 }
+
+template <typename T, typename scalar_t>
+inline void store_lanes(scalar_t* p, vec_t<T> v) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    vstoreu(p, v);
+  } else {
+#ifdef SEGNEXT_VECTOR_HALF
+    if constexpr (std::is_same_v<T, float> && kHalfType<scalar_t>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), float_to_half<scalar_t>(v));
+      return;
+    }
+#endif
+    for (int l = 0; l < Lanes<T>::L; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
 template <typename T, typename scalar_t>
 inline void store_lanes(scalar_t* p, vec_t<T> v, int n) {
   if (n == Lanes<T>::L) return store_lanes<T>(p, v);
+#ifdef SEGNEXT_VECTOR_HALF
+  if constexpr (std::is_same_v<T, float> && kHalfType<scalar_t>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    _mm256_mask_storeu_epi16(p, m, float_to_half<scalar_t>(v));
+    return;
+  }
+#endif
   for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(v[l]);
 }
 
@@ -176,9 +237,39 @@ constexpr double kSqrtHalf = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
 // gelu(z) = z Phi(z), Phi the standard normal CDF (nn.GELU with approximate='none').
+// Phi(z) = 1/2 + erf(z / sqrt 2) / 2 = 1/2 + z P'(z^2) / Q'(z^2): verf's rational function with
+// x = z / sqrt 2 and the 1/2 folded into its coefficients (powers of 2 apart from 1/sqrt 2), so
+// that Phi costs no more than erf; beyond verf's saturation point (x = 3.92) Phi is 1 or 0.
+namespace gelu_detail {
+constexpr double kP[7] = {-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+                          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+                          -1.60960333262415e-02};  // verf's P, x^12 .. x^0
+constexpr double kQ[5] = {-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+                          -7.37332916720468e-03, -1.42647390514189e-02};  // Q, x^8 .. x^0
+constexpr float p(int i) {  // coefficient of z^(2 (6 - i)): / 2^(6 - i), * (1/2) / sqrt 2
+  double c = kP[i] * 0.5 * kSqrtHalf;
+  for (int k = i; k < 6; ++k) c *= 0.5;
+  return static_cast<float>(c);
+}
+constexpr float q(int i) {  // coefficient of z^(2 (4 - i)): / 2^(4 - i)
+  double c = kQ[i];
+  for (int k = i; k < 4; ++k) c *= 0.5;
+  return static_cast<float>(c);
+}
+}  // namespace gelu_detail
+
 inline vec_t<float> vgelu(vec_t<float> z) {
-  const vec_t<float> half = vsplat(0.5f);
-  return z * (half + half * verf(z * vsplat(static_cast<float>(kSqrtHalf))));
+  using namespace gelu_detail;
+  const vec_t<float> z2 = z * z;
+  vec_t<float> pp = vsplat(p(0));
+  for (int i = 1; i < 7; ++i) pp = pp * z2 + vsplat(p(i));
+  vec_t<float> qq = vsplat(q(0));
+  for (int i = 1; i < 5; ++i) qq = qq * z2 + vsplat(q(i));
+  // Q' < 0 everywhere: never 0. For |z| beyond the saturation point (z^2 overflowing included)
+  // the selects below replace whatever the rational function gave; NaN passes through.
+  const vec_t<float> phi = vsplat(0.5f) + z * pp * vrecip(qq);
+  const float sat = static_cast<float>(3.92 / kSqrtHalf);
+  return z * (z >= vsplat(sat) ? vsplat(1.0f) : (z <= vsplat(-sat) ? vsplat(0.0f) : phi));
 }
 inline vec_t<double> vgelu(vec_t<double> z) {
   for (int l = 0; l < Lanes<double>::L; ++l) z[l] = z[l] * 0.5 * (1.0 + std::erf(z[l] * kSqrtHalf));

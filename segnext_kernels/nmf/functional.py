@@ -67,6 +67,13 @@ def _check_values(name: str, t: Tensor) -> None:
                          "got negative, NaN or infinite entries")
 
 
+def _check_bases(bases: Tensor, x: Tensor, shape) -> None:
+    if tuple(bases.shape) != shape:
+        raise ValueError(f"bases must have shape (B*S, D, R) = {shape}, got {tuple(bases.shape)}")
+    if bases.device != x.device:
+        raise ValueError(f"bases is on {bases.device} but x is on {x.device}")
+
+
 def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = None,
           generator: torch.Generator | None = None, eps: float = 1e-6, inv_t: float = 1.0,
           grad: str = "unrolled", backend: str | None = None) -> Tensor:
@@ -98,28 +105,33 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     D, N = C // S, H * W
     _check_values("x", x)
+    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bases is not None:
+        check_tensor("bases", bases, dim=3)
+    name = select(Problem("nmf2d", x.device, cdtype, "contiguous", (B * S, D, N),
+                          needs_grad(x, bases), (("D", D), ("N", N), ("R", R))), backend)
     if generator is not None and generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}; "
                          "the bases are drawn on x's device")
 
-    cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     no_autocast = (torch.autocast(x.device.type, enabled=False)
                    if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
     with no_autocast:
+        if name == "cpu":  # ---- the cpu kernel: on the (B, C, H, W) map itself, inference only
+            from ..ops import nmf2d_cpu
+            if bases is None:
+                bases = draw_bases(B * S, D, R, device=x.device, generator=generator, dtype=cdtype)
+            else:
+                _check_bases(bases, x, (B * S, D, R))
+                _check_values("bases", bases)
+            return nmf2d_cpu(x, bases.to(cdtype), S, steps, eps, inv_t).to(x.dtype)
         X = x.reshape(B * S, D, N).to(cdtype)
         if bases is None:
             bases = draw_bases(B * S, D, R, device=x.device, generator=generator, dtype=cdtype)
         else:
-            check_tensor("bases", bases, dim=3)
-            if tuple(bases.shape) != (B * S, D, R):
-                raise ValueError(f"bases must have shape (B*S, D, R) = {(B * S, D, R)}, "
-                                 f"got {tuple(bases.shape)}")
-            if bases.device != x.device:
-                raise ValueError(f"bases is on {bases.device} but x is on {x.device}")
+            _check_bases(bases, x, (B * S, D, R))
             _check_values("bases", bases)
             bases = bases.to(cdtype)
-        name = select(Problem("nmf2d", x.device, cdtype, "contiguous", (B * S, D, N),
-                              needs_grad(X, bases), (("D", D), ("N", N), ("R", R))), backend)
         if name == "reference":
             ran("nmf2d", "reference")
             Y = nmf_decompose_ref(X, bases, steps, eps, inv_t, grad)
