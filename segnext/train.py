@@ -52,14 +52,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import segnext_kernels
 from segnext_kernels import backends as kernel_backends
 
-from ._cli import ArgumentParser
-from .checkpoint import _read, load_checkpoint
+from ._cli import ArgumentParser, parse_device
+from .checkpoint import error_summary, load_checkpoint, mismatch_summary, read_checkpoint
 from .data import ADE20K, IGNORE_INDEX, DataError, SyntheticShapes, derive_seed
 from .metrics import ConfusionMatrix, SegmentationScores
 from .model import SegNeXt, build, upsample_logits
 from .mscan import Block
 from .param_groups import OFFICIAL_CUSTOM_KEYS, param_groups
-from .predict import error_summary, mismatch_summary, parse_device, whole_inference
+from .inference import whole_inference
 
 CHECKPOINT_FORMAT = "segnext.train/1"
 LATEST = "latest.pth"
@@ -503,7 +503,7 @@ def _read_training_checkpoint(path: Path, args) -> dict:
     """The checkpoint of ``path``, checked to hold everything a resumed run reads (the weights
     are checked when loaded)."""
     try:
-        ckpt = _read(path, weights_only=True)
+        ckpt = read_checkpoint(path, weights_only=True)
     except (OSError, ValueError, TypeError) as exc:  # any unreadable file: one line
         raise TrainError(f"--resume: cannot read {path}: "
                          f"{error_summary(exc).split(': ', 1)[-1]}") from None
