@@ -1,4 +1,4 @@
-"""Loading official SegNeXt / MSCAN checkpoints (architecture reference §5).
+"""Loading official SegNeXt / MSCAN checkpoints (docs/model.md#checkpoint-keys).
 
 Accepted, in any combination:
 - a path (or file object) given to ``torch.load(map_location="cpu", weights_only=True)``, or an
@@ -32,6 +32,10 @@ a file that is not a PyTorch checkpoint (empty, text, damaged), wrappers nested 
 and entries to be loaded that are not dense tensors with data (meta, sparse, quantized), are
 complex, do not match the kind of the model's entry (a floating-point weight from an integer or
 bool tensor) or hold NaN or infinity.
+
+For command lines: ``error_summary`` puts any of these errors in one line, ``mismatch_summary``
+a ``LoadResult``'s problems. ``segnext.checkpoint_model`` builds the model a checkpoint file
+holds.
 """
 from __future__ import annotations
 
@@ -52,10 +56,11 @@ _DDP_PREFIX = "module."
 # Wrapper levels followed to find the weights: {"state_dict": ...} (mmcv/mmengine) and
 # {"model": ...}, possibly one inside the other; deeper nesting is not a checkpoint layout.
 MAX_NESTING = 4
+MAX_KEYS_SHOWN = 3  # keys of each kind named by mismatch_summary
 Shape = Tuple[int, ...]
 
-# The one key difference between the families (§5.3), anchored so that it also matches
-# backbone-only keys such as "block1.0.mlp.dwconv.weight".
+# The one key difference between the families (docs/model.md#key-families), anchored so that
+# it also matches backbone-only keys such as "block1.0.mlp.dwconv.weight".
 _MMSEG_DWCONV = re.compile(r"(^|\.)mlp\.dwconv\.(weight|bias)$")
 _ORIGINAL_DWCONV = re.compile(r"(^|\.)mlp\.dwconv\.dwconv\.(weight|bias)$")
 
@@ -115,11 +120,49 @@ def convert_state_dict(state_dict: Mapping[str, Any],
     return OrderedDict((_rename(k, family), v) for k, v in state_dict.items())
 
 
+def _detail_line(exc: BaseException):
+    """The line of an exception's message that says the most: torch.load's weights-only
+    refusal when there is one, else the first line (None for an empty message)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("WeightsUnpickler error")),
+                lines[0] if lines else None)
+
+
+def error_summary(exc: BaseException) -> str:
+    """``Type: first line of the message``; for torch.load's weights-only refusal, the line
+    that says what was refused."""
+    detail = _detail_line(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _listed(keys: List[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
+    return shown + (", ..." if len(keys) > MAX_KEYS_SHOWN else "")
+
+
+def mismatch_summary(result: LoadResult) -> str:
+    """One line: how many keys are missing, unexpected and of another shape, with the first
+    few of each."""
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing ({_listed(result.missing_keys)})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected "
+                        f"({_listed(result.unexpected_keys)})")
+    if result.mismatched_keys:
+        shapes = [f"{k} {list(a)} vs {list(b)}" for k, a, b in result.mismatched_keys]
+        problems.append(f"{len(shapes)} of another shape, checkpoint vs model "
+                        f"({_listed(shapes)})")
+    return "; ".join(problems)
+
+
 def _describe(checkpoint) -> str:
     return str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else repr(checkpoint)
 
 
-def _read(checkpoint, weights_only: bool) -> Mapping:
+def read_checkpoint(checkpoint, weights_only: bool) -> Mapping:
+    """The mapping a checkpoint path or file object holds (a mapping is returned as it is);
+    a file that is not a PyTorch checkpoint raises a one-line ``ValueError`` naming it."""
     if isinstance(checkpoint, Mapping):
         return checkpoint
     if not isinstance(checkpoint, (str, os.PathLike)) and not hasattr(checkpoint, "read"):
@@ -133,9 +176,7 @@ def _read(checkpoint, weights_only: bool) -> Mapping:
     except EOFError:
         raise ValueError(f"cannot read checkpoint {name}: the file is empty or cut short") from None
     except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "WeightsUnpickler error" in line),
-                      lines[0] if lines else type(exc).__name__)
+        detail = _detail_line(exc) or type(exc).__name__
         if weights_only and "Unsupported global" in detail:
             raise ValueError(
                 f"torch.load(weights_only=True) refused {name}: it holds objects other than "
@@ -145,10 +186,8 @@ def _read(checkpoint, weights_only: bool) -> Mapping:
         raise ValueError(f"cannot read checkpoint {name}: not a PyTorch checkpoint, or a "
                          f"damaged one ({detail})") from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
-        lines = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         raise ValueError(f"cannot read checkpoint {name}: not a PyTorch checkpoint, or a "
-                         f"damaged one ({detail})") from None
+                         f"damaged one ({error_summary(exc)})") from None
     if not isinstance(loaded, Mapping):
         raise TypeError(f"{name} holds a {type(loaded).__name__}, expected a state_dict "
                         "(a mapping of names to tensors)")
@@ -176,7 +215,9 @@ def _unwrap(ckpt: Mapping) -> Mapping:
         ckpt = inner
 
 
-def _plain_state_dict(ckpt: Mapping) -> "OrderedDict[str, torch.Tensor]":
+def plain_state_dict(ckpt: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """The weights of a read checkpoint: unwrapped, ``module.`` prefixes stripped, every entry
+    checked to be a tensor under a string key."""
     state = OrderedDict()
     for key, value in _unwrap(ckpt).items():
         if not isinstance(key, str):
@@ -276,7 +317,7 @@ def load_checkpoint(model: nn.Module, checkpoint, strict: bool = True, *,
     for name, flag in (("strict", strict), ("weights_only", weights_only)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    state = _plain_state_dict(_read(checkpoint, weights_only))
+    state = plain_state_dict(read_checkpoint(checkpoint, weights_only))
     family = key_family(state)
     target, target_name, entries, ignored = _select_target(model, state)
 

@@ -7,17 +7,18 @@ mean/std (RGB, 0-255 scale), ``label`` an int64 (H, W) tensor of class indices, 
   backgrounds, generated on the fly from (seed, split, index), with exact masks. Each class has
   its own colour, so a model learns it in minutes; it needs no files.
 - ``ADE20K``: a folder in the ADE20K layout (``images/{training,validation}/*.jpg``,
-  ``annotations/{training,validation}/*.png``) with the official pipelines (architecture
-  reference §6.1): reduce_zero_label, random rescale 0.5-2.0 of (2048, 512), random crop with
-  cat_max_ratio 0.75, flip, photometric distortion, normalise, pad (label 255); for validation,
-  keep-ratio resize to (2048, 512) then to a multiple of 32, the label at its original size.
+  ``annotations/{training,validation}/*.png``) with the official pipelines (docs/model.md,
+  "Training recipe" and "Test pipeline"): reduce_zero_label, random rescale 0.5-2.0 of
+  (2048, 512), random crop with cat_max_ratio 0.75, flip, photometric distortion, normalise,
+  pad (label 255); for validation, keep-ratio resize to (2048, 512) then to a multiple of 32,
+  the label at its original size.
 
 Training samples come from ``dataset.sample(index, generator)``: every random choice of the
 augmentation is drawn from that generator, so the training stream is a function of the run's
 seed and step whatever the number of loader workers (``segnext.train`` derives one seed per
 sample). ``dataset[index]`` gives the deterministic evaluation sample.
 
-Reading image files needs Pillow (``pip install pillow``); the synthetic data does not.
+ADE20K files are read by ``segnext.images`` (Pillow); the synthetic data needs no files.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ._validate import check_int, check_ints, check_real
+from .images import read_image, read_label
 
-# The official normalisation (RGB order, 0-255 scale) and ignore label (§6.1).
+# The official normalisation (RGB order, 0-255 scale) and ignore label
+# (docs/model.md#training-recipe).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
@@ -224,93 +227,6 @@ def pad_to(image: torch.Tensor, label: torch.Tensor, size: Size) -> Tuple[torch.
         return image, label
     pad = (0, max(pad_w, 0), 0, max(pad_h, 0))
     return F.pad(image, pad, value=0.0), F.pad(label, pad, value=IGNORE_INDEX)
-
-
-# ---------------------------------------------------------------------------------------------
-# File reading (Pillow)
-
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading image files needs Pillow: pip install pillow") from exc
-    return Image
-
-
-# Pillow's high-depth modes and their full scale. Pillow reads 16-bit grey PNG/TIFF as "I;16*"
-# (0-65535), and 16-bit grey PNG (older Pillow) or PGM of any maxval as "I" rescaled to
-# 0-65535; 16-bit RGB(A) it reduces to 8 bits itself. Float images ("F") hold [0, 1] by
-# convention. A 32-bit integer image ("I" from TIFF and the like) has no agreed full scale.
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
-
-
-def image_mode_problem(img) -> Optional[str]:
-    """Why ``read_image`` cannot bring this opened Pillow image to the 8-bit scale, from its
-    header alone (None when it can; a float image's values are checked when it is read)."""
-    mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES or mode == "F":
-        return None
-    if mode == "I":
-        if img.format in _SIXTEEN_BIT_I_FORMATS:
-            return None
-        return (f"a 32-bit integer image (Pillow mode I, {img.format or 'unknown'} format) has "
-                "no standard full scale; save it with 8 or 16 bits per channel")
-    if mode.startswith(("I;", "F;")):
-        return f"Pillow mode {mode} is not supported; save the image with 8 or 16 bits per channel"
-    return None
-
-
-def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor on the 8-bit scale the model expects.
-
-    8-bit images (grey, palette, RGB, RGBA, CMYK, ...) are converted to RGB (alpha dropped);
-    16-bit grey images are scaled by 255/65535 (16-bit RGB Pillow reads as 8-bit); float images
-    must hold finite values in [0, 1] and are scaled by 255; grey is repeated over R, G, B.
-    Raises FileNotFoundError, PIL.UnidentifiedImageError for a file that is not an image, and
-    ValueError for an image that cannot be brought to the 8-bit scale (``image_mode_problem``,
-    a float image outside [0, 1]).
-    """
-    Image = _pil()
-    with Image.open(path) as img:
-        problem = image_mode_problem(img)
-        if problem:
-            raise ValueError(f"{path}: {problem}")
-        if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
-            grey = torch.from_numpy(_as_float64(img))
-            if img.mode == "F":
-                finite = grey[torch.isfinite(grey)]
-                if finite.numel() < grey.numel() or (finite.numel() and (
-                        float(finite.min()) < 0.0 or float(finite.max()) > 1.0)):
-                    span = (f"[{float(finite.min()):g}, {float(finite.max()):g}]"
-                            if finite.numel() else "no finite value")
-                    nonfinite = " and NaN or infinity" if finite.numel() < grey.numel() else ""
-                    raise ValueError(f"{path}: a float image must hold values in [0, 1], "
-                                     f"got {span}{nonfinite}")
-                scaled = grey * 255.0
-            else:
-                scaled = grey * (255.0 / 65535.0)
-            return scaled.round().clamp(0, 255).to(torch.uint8).expand(3, -1, -1).contiguous()
-        rgb = img.convert("RGB")
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
-
-
-def _as_float64(img):
-    import numpy as np  # Pillow's buffer protocol gives the right dtype and byte order
-    return np.asarray(img).astype(np.float64)
-
-
-def read_label(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """A label PNG (8-bit grey or palette: the pixel values are the class indices) as an int64
-    (H, W) tensor."""
-    Image = _pil()
-    with Image.open(path) as img:
-        if img.mode not in ("L", "P"):
-            raise ValueError(f"{path}: a label map must be an 8-bit grey or palette PNG, "
-                             f"got mode {img.mode}")
-        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        return data.view(img.height, img.width).long()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from torch import nn
 
 import segnext_kernels
 
+from .checkpoint_model import CheckpointFileError, infer_model_size, load_model
 from .model import SegNeXt, build
 
 OPSET_RANGE = (13, 20)     # 13: Resize/Split as used; 20: the legacy exporter's newest opset
@@ -328,10 +329,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> Tuple[SegNeXt, str]:
     """The model to export (eval mode) and a description of it."""
     if args.checkpoint is not None:
-        from .predict import PredictError, load_model
         try:
             return load_model(args.checkpoint, args.model, args.num_classes)
-        except PredictError as exc:
+        except CheckpointFileError as exc:
             raise ExportError(str(exc)) from None
     num_classes = 150 if args.num_classes is None else args.num_classes
     torch.manual_seed(args.seed)
@@ -385,7 +385,6 @@ def run(args: argparse.Namespace) -> ExportReport:
 
 
 def _size_of(model: SegNeXt) -> str:
-    from .predict import infer_model_size
     return infer_model_size(model.state_dict()) or "model"
 
 

@@ -6,6 +6,9 @@ gets the metrics of the whole validation set; ``compute`` gives per-class IoU an
 their means. A class absent from both the ground truth and the predictions has IoU NaN and is
 left out of the mean (mmseg's nanmean); a class predicted but absent from the ground truth
 counts with IoU 0.
+
+Ours, on ``torch.bincount`` and ``torch.nanmean``, not torchmetrics (not a dependency): mmseg
+parity needs NaN for a class absent from both sides, where torchmetrics gives ``zero_division``.
 """
 from __future__ import annotations
 
@@ -34,11 +37,6 @@ class SegmentationScores:
                 "aAcc": 100 * self.pixel_accuracy}
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    defined = values[~values.isnan()]
-    return float(defined.mean()) if defined.numel() else float("nan")
-
-
 def scores_from_confusion(matrix: torch.Tensor) -> SegmentationScores:
     """Metrics of a (K, K) confusion matrix whose rows are ground truth, columns prediction."""
     matrix = matrix.double().cpu()
@@ -52,7 +50,7 @@ def scores_from_confusion(matrix: torch.Tensor) -> SegmentationScores:
     total = matrix.sum()
     return SegmentationScores(
         iou=iou.tolist(), accuracy=accuracy.tolist(),
-        mean_iou=_nanmean(iou), mean_accuracy=_nanmean(accuracy),
+        mean_iou=float(torch.nanmean(iou)), mean_accuracy=float(torch.nanmean(accuracy)),
         pixel_accuracy=float(intersection.sum() / total) if total > 0 else float("nan"),
         labelled_pixels=int(total))
 

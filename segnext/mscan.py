@@ -9,6 +9,9 @@ also accepts mmseg's ``mlp.dwconv.*``.
 
 Unlike the official code, maps stay in (B, C, H, W) between blocks; only the stage-end LayerNorm
 works on channels-last values. The arithmetic is the same.
+
+``drop_path`` is ours, not torchvision's ``stochastic_depth`` (torchvision is not a dependency):
+it draws the mask as the official code does (floor(keep + rand)), so a seeded run drops alike.
 """
 from __future__ import annotations
 

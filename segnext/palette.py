@@ -1,4 +1,5 @@
-"""Colours for class maps: ``palette(num_classes)`` and ``colorize(labels, palette)``.
+"""Colours for class maps: ``palette(num_classes)``, ``colorize(labels, palette)`` and
+``overlay(image, colours)``.
 
 The palette is the bit-interleaved one of PASCAL VOC's devkit, extended to any class count:
 class k takes its bits three at a time, one each for red, green and blue, from the highest bit
@@ -42,3 +43,9 @@ def colorize(labels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     out[...] = torch.tensor(IGNORE_COLOUR, dtype=torch.uint8)
     out[known] = colours[labels[known]]
     return out
+
+
+def overlay(image: torch.Tensor, colours: torch.Tensor, opacity: float = 0.5) -> torch.Tensor:
+    """(H, W, 3) uint8: the (H, W, 3) class colours blended over the uint8 (3, H, W) image."""
+    blended = image.permute(1, 2, 0).float() * (1 - opacity) + colours.float() * opacity
+    return blended.round().clamp(0, 255).to(torch.uint8)

@@ -23,7 +23,9 @@ import segnext
 import segnext_kernels as sk
 from segnext import predict as predict_cli
 from segnext import train as train_cli
-from segnext.data import ADE20K, DataError, SyntheticShapes, read_image
+from segnext.data import ADE20K, DataError, SyntheticShapes
+from segnext.images import read_image
+from segnext.inference import predict_labels
 from segnext.metrics import ConfusionMatrix
 from segnext_kernels import _extension
 from segnext_kernels._validate import check_one_device
@@ -617,9 +619,9 @@ def test_inference_functions_refuse_bad_windows_and_images(tiny_segnext):
     model = tiny_segnext
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     with pytest.raises(ValueError, match="stride .* must not exceed crop"):
-        predict_cli.predict_labels(model, image, "slide", (16, 16), crop=8, stride=12)
+        predict_labels(model, image, "slide", (16, 16), crop=8, stride=12)
     with pytest.raises(ValueError, match=r"image must be a \(3, H, W\) RGB tensor"):
-        predict_cli.predict_labels(model, image[:1], "whole")
+        predict_labels(model, image[:1], "whole")
     with pytest.raises(ValueError, match="size must be two ints >= 1"):
         segnext.upsample_logits(torch.rand(1, 3, 4, 4), (0, 8))
 

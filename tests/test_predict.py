@@ -11,7 +11,9 @@ Image = pytest.importorskip("PIL.Image", reason="segnext.predict reads and write
                                                 "with Pillow")
 
 import segnext  # noqa: E402
-from segnext import predict  # noqa: E402
+from segnext import inference, predict  # noqa: E402
+from segnext.checkpoint import MAX_KEYS_SHOWN  # noqa: E402
+from segnext.checkpoint_model import infer_model_size  # noqa: E402
 from segnext.palette import palette  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,20 +100,20 @@ class ConstantLogits(torch.nn.Module):
 
 def test_slide_windows_cover_the_image_and_average():
     model, image = ConstantLogits(), torch.randn(1, 3, 50, 70)
-    slid = predict.slide_inference(model, image, (25, 35), crop=32, stride=20)
-    whole = predict.whole_inference(model, image, (25, 35))
+    slid = inference.slide_inference(model, image, (25, 35), crop=32, stride=20)
+    whole = inference.whole_inference(model, image, (25, 35))
     assert slid.shape == whole.shape == (1, 3, 25, 35)
     torch.testing.assert_close(slid, whole)  # every pixel covered, overlaps averaged
-    bigger_crop = predict.slide_inference(model, image, (50, 70), crop=128, stride=96)
-    torch.testing.assert_close(bigger_crop, predict.whole_inference(model, image, (50, 70)))
+    bigger_crop = inference.slide_inference(model, image, (50, 70), crop=128, stride=96)
+    torch.testing.assert_close(bigger_crop, inference.whole_inference(model, image, (50, 70)))
 
 
 def test_model_size_is_read_from_the_keys():
     for size in ("t", "s"):
         with torch.device("meta"):
             state = segnext.build(size, 3).state_dict()
-        assert predict.infer_model_size(state) == size
-    assert predict.infer_model_size({"foo.weight": torch.zeros(1)}) is None
+        assert infer_model_size(state) == size
+    assert infer_model_size({"foo.weight": torch.zeros(1)}) is None
 
 
 def _assert_one_line_error(code, err, *fragments):
@@ -155,7 +157,7 @@ def test_file_that_is_not_a_checkpoint(files, capsys):
 def test_checkpoint_that_does_not_match_the_model(files, capsys, options, fragments):
     code, _, err = _predict(capsys, "--checkpoint", files["plain"], *options, files["image"])
     _assert_one_line_error(code, err, *fragments)
-    assert err.count(" vs [") <= predict.MAX_KEYS_SHOWN  # a few keys shown, not hundreds
+    assert err.count(" vs [") <= MAX_KEYS_SHOWN  # a few keys shown, not hundreds
 
 
 def test_backbone_only_checkpoint(files, capsys):
