@@ -46,6 +46,8 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     """Per-sample stochastic depth (mmcv's): zero whole samples, rescale the kept ones."""
     if drop_prob == 0.0 or not training:
         return x
+    if drop_prob >= 1.0:  # every sample dropped (the formula would divide by zero: NaN)
+        return x * 0.0
     keep_prob = 1.0 - drop_prob
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     keep = (keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()

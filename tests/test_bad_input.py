@@ -781,6 +781,8 @@ def test_building_blocks_and_data_helpers_refuse_bad_values():
 
     with pytest.raises(ValueError, match="drop_prob must be a finite number in"):
         segnext.DropPath(2.0)
+    everything = segnext.DropPath(1.0).train()(torch.rand(3, 2, 4, 4))  # not NaN: all dropped
+    assert torch.equal(everything, torch.zeros(3, 2, 4, 4))
     head = segnext.LightHamHead(in_channels=(8, 8, 8), channels=32, ham_channels=32,
                                 num_classes=3)
     with pytest.raises(ValueError, match="feats must hold the backbone's stage outputs"):
