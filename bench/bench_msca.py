@@ -26,7 +26,7 @@ def shapes(cfg: Config) -> List[Tuple[int, int, int, int]]:
     if cfg.size == "smoke":
         return [(1, 8, 16, 16)]
     if cfg.cuda:
-        # MSCAN-B stages 1 and 3 at 512x512 (performance notes §6.2)
+        # MSCAN-B stages 1 and 3 at 512x512 (docs/kernels.md#msca-cost)
         return [(16, 64, 128, 128), (16, 320, 32, 32)]
     if cfg.size == "quick":
         return [(2, 64, 128, 128), (2, 320, 32, 32)]

@@ -32,7 +32,7 @@ def segnext_stage_shapes(models: str = "tsb", image: int = 512) -> List[Tuple[in
 
 def primary_layout(cfg: Config) -> str:
     """The layout of the compile variants: channels_last, the faster eager layout on both
-    cuDNN and oneDNN for these depthwise convs (performance notes §2, CPU section)."""
+    cuDNN and oneDNN for these depthwise convs (docs/benchmarking.md#baselines)."""
     return "cl"
 
 

@@ -114,7 +114,7 @@ def achieved(cost: Cost, ceil: Ceilings, median_ms: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Cost models (architecture reference §1.6, §4.2; performance notes §6)
+# Cost models (docs/kernels.md#floors; the ops: docs/model.md#msca, docs/nmf.md#algorithm)
 # --------------------------------------------------------------------------------------------
 MSCA_DW_MACS = 25 + 2 * (7 + 11 + 21)  # 5x5, then 1x7+7x1, 1x11+11x1, 1x21+21x1 per element
 

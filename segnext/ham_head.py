@@ -1,4 +1,4 @@
-"""LightHamHead: SegNeXt's decoder (architecture reference §3), with the official module names.
+"""LightHamHead: SegNeXt's decoder (docs/model.md#lighthamhead), with the official module names.
 
 Stages 2-4 are resized to the stride-8 size, concatenated, squeezed by a 1x1 conv, passed
 through the Hamburger (1x1 conv, ReLU, NMF2D, 1x1 conv, residual), aligned by a 1x1 conv and
@@ -60,7 +60,7 @@ class ConvModule(nn.Module):
 
 
 class Hamburger(nn.Module):
-    """x -> ReLU(x + ham_out(NMF(ReLU(ham_in(x))))) (§3 step 5).
+    """x -> ReLU(x + ham_out(NMF(ReLU(ham_in(x))))) (docs/model.md#hamburger).
 
     ``ham_in`` has a bias and no norm; ``ham_out`` has GN and no bias; ``ham`` has no state.
     """

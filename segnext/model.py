@@ -1,7 +1,7 @@
 """SegNeXt = MSCAN backbone + LightHamHead, with the official state_dict layout.
 
 The model's keys are ``backbone.*`` and ``decode_head.*`` exactly as mmseg's EncoderDecoder
-(architecture reference §5). ``forward`` returns logits at 1/8 of the input size, as the head
+(docs/model.md#checkpoint-keys). ``forward`` returns logits at 1/8 of the input size, as the head
 does; ``predict`` / ``upsample_logits`` bring them to the input size as mmseg's test path does.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ._validate import check_image_batch, check_int
 from .ham_head import LightHamHead
 from .mscan import MSCAN, _size_key, mscan
 
-# §2.2: head widths per size and the NMF rank the official checkpoints were trained with
+# docs/model.md#sizes: head widths per size and the NMF rank the official checkpoints were trained with
 # (16 for T/S; the original release leaves B/L at the default 64).
 HEAD_SETTINGS: Dict[str, dict] = {
     "t": dict(in_channels=(64, 160, 256), channels=256, ham_channels=256, nmf_rank=16),
@@ -68,7 +68,7 @@ def build(size: str, num_classes: int = 150, *, in_channels: int = 3,
           nmf_rank: Optional[int] = None, nmf_kwargs: Optional[dict] = None,
           checkpoint=None) -> SegNeXt:
     """SegNeXt-T/S/B/L (``size`` 't', 's', 'b', 'l' or 'tiny'... 'large') with the official
-    settings of §2. ``drop_path_rate`` and ``nmf_rank`` default to the size's official value;
+    settings (docs/model.md#sizes). ``drop_path_rate`` and ``nmf_rank`` default to the size's official value;
     ``nmf_kwargs`` are further ``segnext_kernels.NMF2D`` arguments (e.g. ``grad="one_step"``).
     ``norm_layer`` builds the backbone's BN-type norms (``nn.SyncBatchNorm`` for the original
     configs). ``checkpoint`` (a path or a state_dict) is loaded strictly with

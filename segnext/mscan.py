@@ -1,4 +1,4 @@
-"""MSCAN: the SegNeXt encoder (architecture reference §1), with the official module names.
+"""MSCAN: the SegNeXt encoder (docs/model.md#mscan-backbone), with the official module names.
 
 Four stages; stage i is ``patch_embed{i}`` (a stride-2 conv embed; the stride-4 ``StemConv`` for
 stage 1), ``block{i}`` (a ModuleList of ``Block``) and ``norm{i}`` (an ``nn.LayerNorm`` over
@@ -32,7 +32,7 @@ from ._validate import check_image_batch, check_int, check_ints, check_probabili
 
 NormLayer = Callable[[int], nn.Module]
 
-# §2.1: embed_dims, depths and drop_path_rate per size; mlp_ratios is [8, 8, 4, 4] for all.
+# docs/model.md#sizes: embed_dims, depths and drop_path_rate per size; mlp_ratios is [8, 8, 4, 4] for all.
 MSCAN_SETTINGS: Dict[str, dict] = {
     "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), drop_path_rate=0.1),
     "s": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), drop_path_rate=0.1),
@@ -69,7 +69,7 @@ class DropPath(nn.Module):
 
 
 class StemConv(nn.Module):
-    """Stage-1 embed (``patch_embed1``): two stride-2 3x3 convs with norms, GELU between (§1.2)."""
+    """Stage-1 embed (``patch_embed1``): two stride-2 3x3 convs with norms, GELU between (docs/model.md#stem)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer):
         super().__init__()
@@ -95,7 +95,7 @@ class StemConv(nn.Module):
 
 
 class OverlapPatchEmbed(nn.Module):
-    """Stage 2-4 embed: stride-2 3x3 conv then a norm, no activation (§1.3)."""
+    """Stage 2-4 embed: stride-2 3x3 conv then a norm, no activation (docs/model.md#stage-embeds)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer,
                  patch_size: int = 3, stride: int = 2):
@@ -124,7 +124,7 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 (1x1) -> depthwise 3x3 -> GELU -> dropout -> fc2 (1x1) -> dropout (§1.7).
+    """fc1 (1x1) -> depthwise 3x3 -> GELU -> dropout -> fc2 (1x1) -> dropout (docs/model.md#mlp).
 
     Runs ``segnext_kernels.mlp`` with the selected backend: for inference the whole MLP is
     one fused op, in training fc1 -> fused dwconv+GELU -> fc2 (the reference backend runs the
@@ -146,7 +146,7 @@ class Mlp(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """proj_1 -> GELU -> MSCA -> proj_2, plus the sublayer's own shortcut (§1.5)."""
+    """proj_1 -> GELU -> MSCA -> proj_2, plus the sublayer's own shortcut (docs/model.md#attention-sublayer)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -161,7 +161,7 @@ class SpatialAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x += γ1·Attn(BN1 x); x += γ2·MLP(BN2 x), with stochastic depth (§1.4)."""
+    """Pre-norm block: x += γ1·Attn(BN1 x); x += γ2·MLP(BN2 x), with stochastic depth (docs/model.md#block)."""
 
     def __init__(self, channels: int, mlp_ratio: float, norm_layer: NormLayer,
                  drop: float = 0.0, drop_path_rate: float = 0.0, layer_scale_init: float = 1e-2):
@@ -246,7 +246,7 @@ class MSCAN(nn.Module):
     ``norm_layer`` builds every BN-type norm from a channel count (``nn.BatchNorm2d`` by default,
     as mmseg's configs; pass ``nn.SyncBatchNorm`` for the original configs: same keys). The
     stage-end norms are always ``nn.LayerNorm``. Weights are initialised as MSCAN.init_weights
-    does without a pretrained checkpoint (§1.9).
+    does without a pretrained checkpoint (docs/model.md#weight-initialisation).
     """
 
     def __init__(self, in_channels: int = 3, embed_dims: Sequence[int] = (32, 64, 160, 256),
@@ -294,7 +294,7 @@ class MSCAN(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Conv2d: normal(0, sqrt(2 / fan_out)), bias 0; LayerNorm: 1, 0 (§1.9)."""
+        """Conv2d: normal(0, sqrt(2 / fan_out)), bias 0; LayerNorm: 1, 0 (docs/model.md#weight-initialisation)."""
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
@@ -326,7 +326,7 @@ class MSCAN(nn.Module):
 
 
 def mscan(size: str, **kwargs) -> MSCAN:
-    """MSCAN-T/S/B/L with the official settings (§2.1); ``kwargs`` override them."""
+    """MSCAN-T/S/B/L with the official settings (docs/model.md#sizes); ``kwargs`` override them."""
     settings = dict(MSCAN_SETTINGS[_size_key(size)], mlp_ratios=MLP_RATIOS)
     settings.update(kwargs)
     return MSCAN(**settings)

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups with the official paramwise rules (architecture reference §6.1).
+"""Optimizer parameter groups with the official paramwise rules (docs/model.md#training-recipe).
 
 The official configs set AdamW(lr 6e-5, weight_decay 0.01) with ``custom_keys``
 ``{"pos_block": decay_mult 0, "norm": decay_mult 0, "head": lr_mult 10}``. As mmcv/mmengine's

@@ -139,11 +139,11 @@ def test_compile_budget_skips_further_compile_variants():
 
 
 def test_cost_models_match_the_performance_notes():
-    # §6.2: MSCA fwd, B16 C64 128², fp16: 67.1 MB, 3.46 GFLOP depthwise, 2.15 GFLOP 1x1
+    # docs/kernels.md#msca-cost: MSCA fwd, B16 C64 128², fp16: 67.1 MB, 3.46 GFLOP depthwise, 2.15 GFLOP 1x1
     c = roofline.msca_cost(16, 64, 128, 128, torch.float16, backward=False)
     assert abs(c.bytes / 1e6 - 67.1) < 0.5
     assert abs(c.fma_flops / 1e9 - 3.46) < 0.01 and abs(c.gemm_flops / 1e9 - 2.15) < 0.01
-    # §5: NMF of the SegNeXt-T head, B16 D256 R16 64², 7 steps: ≈9.7 GFLOP
+    # docs/nmf.md#algorithm (cost): NMF of the SegNeXt-T head, B16 D256 R16 64², 7 steps: ≈9.7 GFLOP
     n = roofline.nmf_cost(16, 256, 64 * 64, 16, 7, None)
     assert 9.0 < n.gemm_flops / 1e9 < 10.5
     assert roofline.nmf_cost(16, 256, 4096, 16, 6, "unrolled").gemm_flops > \

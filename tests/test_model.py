@@ -14,7 +14,7 @@ import segnext
 import segnext_kernels as sk
 from segnext_kernels import msca_ref, nmf_decompose_ref
 
-# §2.3 / paper: (paper total, analytic total, analytic backbone), in millions, 150 classes.
+# docs/model.md#parameter-counts / paper: (paper total, analytic total, analytic backbone), in millions, 150 classes.
 PARAM_COUNTS = {
     "t": (4.26, 4.263, 3.904),
     "s": (13.93, 13.933, 13.450),
@@ -29,7 +29,7 @@ BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 
 
 def official_tiny_keys():
-    """The key -> shape table of architecture reference §5.1 / §5.2 for SegNeXt-T, 150 classes."""
+    """The key -> shape table of docs/model.md#segnext-t-key-table for SegNeXt-T, 150 classes."""
     keys = {}
 
     def bn(prefix, c):

@@ -8,7 +8,7 @@ import segnext_kernels as sk
 
 
 def official_nmf2d(x, bases, S, steps, inv_t=1.0):
-    """Transcription of mmseg's Matrix_Decomposition_2D_Base.forward + NMF2D (§4.2), bases given."""
+    """Transcription of mmseg's Matrix_Decomposition_2D_Base.forward + NMF2D (docs/nmf.md#algorithm), bases given."""
     B, C, H, W = x.shape
     D = C // S
     N = H * W

@@ -4,7 +4,7 @@
 //   s   = a + sum_k [ V_k(H_k(a) + bh_k) + bv_k ]      k = 7, 11, 21; H_k = 1xk, V_k = kx1
 //   out = (W3 s + b3) * u                               W3: dense 1x1 conv (C -> C)
 //
-// How it runs (issue #4):
+// How it runs (docs/kernels.md#msca-cpu):
 // * Tasks are (batch, band of output rows), run with at::parallel_for. A task streams down its
 //   band: every intermediate lives in per-thread ring buffers of a few rows, so nothing of u's
 //   size is written but the result. Neighbouring bands recompute a halo of rows.

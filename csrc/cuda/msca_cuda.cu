@@ -29,33 +29,8 @@
 //     block in a fixed order (warp butterfly + smem), written per tile, and summed over tiles in
 //     a fixed order by dw_weight_grad_reduce_kernel. No float atomics anywhere.
 //
-// Floors (H100 SXM: 3.35 TB/s HBM, 66.9 TFLOP/s FP32 FMA, ~990 TFLOP/s fp16 tensor) for
-// B=16, C=64, 128x128, fp16, channels_last (P = 262144 pixels, 16.8 M elements, 33.6 MB a pass):
-//   bytes: read u + write out = 67.1 MB -> 20.0 us.
-//   depthwise MACs: 25 + 2 * (7 + 11 + 21) = 103 per element -> 1.73 GMAC = 3.46 GFLOP -> 51.7 us
-//   at the FP32 rate (fp16 I/O, fp32 accumulate: no packed fp16->fp32 FMA on sm_90).
-//   1x1 conv: 2.15 GFLOP -> 2.2 us on tensor cores.
-//   floor = max(20.0, 51.7 + 2.2) ~ 54 us; target 1.5x -> 81 us.
-// This design's forward:
-//   halo recompute with a TH x TW tile: a on (TH+20)(TW+20), h_k on (TH+2r) x TW, v on TH x TW:
-//     32x32: 66.0 + 56.9 + 39 = 162 MAC/element (1.57x), 64x32: 53.3 + 48.0 + 39 = 140 (1.36x).
-//   The forward uses 64x32 tiles (512 threads, 1 block/SM, 151 KB smem) when H >= 64 and 32x32
-//   (256 threads, 2 blocks/SM, 95 KB) otherwise -> 2.35 GMAC = 4.70 GFLOP -> 70 us of FMA issue at
-//   peak; smem traffic ~1.2 B/FMA for fp16 is under the 1 B/clk/lane budget; +~20% for the
-//   fp16->fp32 conversions of streamed inputs.
-//   GEMM pass: reads s (L2-resident for the most part right after it is written) and u, writes out:
-//   67-101 MB -> 20-30 us.  Expected total ~100-120 us = 1.9-2.2x the floor, >8x eager (0.5-1 ms);
-//   reaching 1.5x needs larger tiles or half2 strips (performance-notes §6.5), not done here.
-// Backward floor (same shape): recompute fwd depthwise (1x) + grad-input (1x) + grad-weight (1x)
-//   = 10.4 GFLOP -> 155 us at FP32; 1x1 dgrad/wgrad/recompute 6.4 GFLOP on tensor cores ~7 us;
-//   bytes >= read u, g, write grad_u = 101 MB -> 30 us; floor ~160 us, target 2x -> 320 us.
-//   This design: dw fwd recompute 4.70 GFLOP (32x32 tiles: 5.4), strips backward (a: 66, h_k:
-//   56.9, grad_h_k: 56.9, w2-grad 39, w1-grad 39, grad_a 39 MAC/el = 297 -> 10.0 GFLOP), 5x5
-//   backward (grad_u 25, grad_w0 25 MAC/el -> 1.7 GFLOP): ~16.4 GFLOP -> 245 us at peak FMA,
-//   plus ~8 activation passes (~270 MB, ~80 us, partly L2) -> ~330-400 us: about 2.1-2.5x the floor.
-//
-// Unverified on hardware at the time of writing (no GPU where it was written): correctness was
-// checked by running these kernels' index math in a CPU emulation; timings are estimates.
+// Floors and design estimates: docs/kernels.md#msca-cuda. Correctness on the CPU: the emulation
+// harness of tests/cuda_emu/ runs these kernels (docs/cuda_emulation.md).
 #include "msca_cuda.cuh"
 
 #include <cuda_bf16.h>

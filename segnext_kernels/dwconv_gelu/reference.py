@@ -1,7 +1,7 @@
 """dwconv_gelu reference: the specification, in plain PyTorch (autograd by PyTorch).
 
 y = gelu(dw3x3(x) + b): the depthwise 3x3 conv ('same' zero padding, bias) and the exact erf
-GELU that follow fc1 in every MSCAN block's MLP (architecture reference §1.7).
+GELU that follow fc1 in every MSCAN block's MLP (docs/model.md#mlp).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """MLP reference: the specification, in plain PyTorch (autograd by PyTorch).
 
-y = fc2(gelu(dw3x3(fc1(x)))): the feed-forward part of every MSCAN block (architecture
-reference §1.7) without its dropouts; fc1 (C -> hidden) and fc2 (hidden -> C) are 1x1 convs
+y = fc2(gelu(dw3x3(fc1(x)))): the feed-forward part of every MSCAN block (docs/model.md#mlp) without its dropouts; fc1 (C -> hidden) and fc2 (hidden -> C) are 1x1 convs
 with bias, dw3x3 a depthwise 3x3 conv with bias, GELU the exact (erf) one.
 """
 from __future__ import annotations

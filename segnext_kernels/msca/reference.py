@@ -1,7 +1,7 @@
 """MSCA reference: the specification, in plain PyTorch (autograd by PyTorch).
 
 out = conv3(a + B7(a) + B11(a) + B21(a)) * u,  a = dw5x5(u),  Bk = dw(k x 1) o dw(1 x k)
-(architecture reference §1.6). Every depthwise conv has a bias; conv3 is a dense 1x1 conv.
+(docs/model.md#msca). Every depthwise conv has a bias; conv3 is a dense 1x1 conv.
 """
 from __future__ import annotations
 

@@ -6,66 +6,13 @@
 Entry points (called by the custom op ``segnext::msca`` in ``segnext_kernels/ops.py``):
 ``msca_forward(u, *16 weights) -> out`` and ``msca_backward(grad, u, *16 weights) -> 17 grads``.
 
-Design (option B of performance-notes §3/§6: depthwise part, then a GEMM with an epilogue)
---------------------------------------------------------------------------------------------
-Forward, two launches:
-
-1. ``msca_dw_forward_kernel`` computes s for a tile of TH rows × TW columns × BC channels and
-   writes only s. It walks down the tile row by row ("rolling rows"), so that every vertical tap
-   reuses registers instead of reloading:
-   * u row y+2 is loaded once (5 column shifts, vectors over the contiguous channels of
-     channels_last) and added into 5 rolling accumulators, one per a row it feeds: a row y is
-     complete after 5 u rows. a is needed on the tile's columns plus a 10-column halo each side
-     (20 halo lanes of a 32-lane block).
-   * a row y goes to a per-program scratch row (TW+20 columns × BC, fp32, two slots ping-pong):
-     horizontal shifts of a register tensor are not expressible in Triton, so the 21 shifted reads
-     of the three horizontal strips come from that row, which stays in L1 (a few KB per program;
-     ``tl.debug_barrier`` between the write and the reads). One load feeds the 7-, 11- and 21-tap
-     strips at once (39 FMAs for 21 loads).
-   * the three h rows go into 21 rolling accumulators S0..S20 (S_m = output row y-10+m): each h
-     row adds its 7 + 11 + 21 vertical taps without any load, and S0 is complete -> store s.
-   The kernel is persistent (grid = a few programs per SM) so that the scratch stays small.
-   Rows of the tile plus 20 halo rows plus 4 pipeline-fill rows are walked: (TH+24)/TH work.
-   GPU tiles TH=64, TW=64, BC=4, 8 warps: 1 register per thread per [TW, BC] tile, no spills on
-   sm_80 or sm_90 with any supported Triton (at 4 warps ptxas capped it at 128 registers on sm_80
-   and spilled).
-2. ``msca_pointwise_kernel``: out = (s @ W3ᵀ + b3) ⊙ u on ``tl.dot`` (tensor cores for fp16/bf16,
-   ``input_precision="ieee"`` for float32 so that the 1e-4 tolerance holds), bias and ⊙u fused in
-   the epilogue.
-
-Why not one pass (option A): the 1x1 needs all C channels of s per pixel, while the rolling
-depthwise part keeps 21 accumulators of [TW, BC] in registers; BC = C does not fit (C=64, TW=64:
-86k registers), and staging a [TH·TW, C] s tile in scratch moves the same bytes as writing s, to L2
-instead of HBM, at the price of a much more complex kernel. s is the only full-size intermediate.
-
-Floor arithmetic, H100 SXM, B=16 C=64 128², fp16 channels_last (performance-notes §6.2):
-one activation pass is 33.6 MB = 10 µs at 3.35 TB/s. Kernel 1 with TW=64, TH=64 (1024 tiles of
-64x64x4 for 132 SMs): per output
-element (5x5 with a 1.5x column halo + 39 horizontal + 39 vertical FMAs) x (TH+24)/TH = 1.375
-≈ 159 FMA (103 nominal) → 2.7 GFMA = 5.3 GFLOP → ≈80 µs at 66.9 TFLOP/s (FP32 FMA; fp16 I/O gains
-nothing on CUDA cores); L1 traffic ≈ 21 fp32 scratch loads + 7.5 u loads per element ≈ 1 clk/SM,
-about balanced with the FMAs; HBM read u + write s = 20 µs, hidden. Kernel 2 is memory-bound:
-read s and u, write out = 3 passes ≈ 30 µs (less when s is still in the 50 MB L2), 2.2 µs of tensor
-cores. Estimate ≈ 110 µs, i.e. ≈2x the single-pass floor of 54 µs and 5-9x the eager estimate
-(0.5-1 ms). [estimate: not measured on a GPU yet; tile sizes are untuned guesses.]
-
-Backward (nothing but u and the weights is saved; s, a, h are recomputed), five launches:
-
-1. ``msca_dw_forward_kernel`` again → s (same bits as the forward).
-2. ``msca_pointwise_backward_kernel``: z = s @ W3ᵀ + b3, grad_u ← g ⊙ z (the direct part),
-   ds = (g ⊙ u) @ W3 → ds (fp32 temporary).
-3. ``msca_pointwise_wgrad_kernel``: dW3 = Σ_p (g ⊙ u)ᵀ s and db3, split over pixel tiles into
-   per-program partials.
-4. ``msca_strip_backward_kernel`` (rolling rows, per tile): recomputes a (rolling 5x5) and the
-   h rows; reads ds rows ±10 as [taps, TW, BC] stacks; computes dh_k = Vkᵀ ds, the weight-grad
-   products of the vertical (h_k · ds) and horizontal (dh_k · shifted a) strips, and
-   da = ds + Σ Hkᵀ dh_k (dh rows through the same kind of scratch row) → da (fp32 temporary).
-5. ``msca_dw5_backward_kernel``: grad_u += dw5x5ᵀ(da), dw0 and db0 products.
-Weight gradients are per-program partial sums written to a buffer, one slot per (tile, channel,
-tap), summed over tiles in a fixed order by ``torch.sum`` (deterministic, no atomics).
-Floor sketch (performance-notes §6.4): ≈155 µs of FP32 FMAs; these kernels use the simpler
-tap-stacked form (taps padded to 8/16/32, one load per FMA for the ds stacks), so expect a
-few hundred µs at C64 128² fp16 [estimate].
+Design: forward in two launches (``msca_dw_forward_kernel``: the depthwise part over large
+tiles, walking rows so that vertical taps reuse registers, writing only s; then
+``msca_pointwise_kernel``: the 1x1 conv on ``tl.dot`` with the bias and ⊙u in its epilogue);
+backward in five (recompute s; pointwise backward; 1x1 weight gradient; the strips' backward,
+recomputing a and h; the 5x5 backward), saving nothing but u. Weight gradients are per-program
+partial sums reduced in a fixed order (deterministic, no atomics). The reasoning, the floor and
+the design estimates: docs/kernels.md#msca-triton.
 
 Debugging hooks: ``POISON = True`` fills every output and temporary with NaN before the kernels
 write them (tests use it to prove that every element is written); ``TILES`` overrides tile sizes

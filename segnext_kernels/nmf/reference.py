@@ -1,6 +1,6 @@
 """NMF2D reference (Hamburger's matrix decomposition): the specification, plain PyTorch.
 
-Architecture reference §4.2: X (B·S, D, N) = x viewed with channels as rows; bases B0 uniform
+The algorithm (docs/nmf.md#algorithm): X (B·S, D, N) = x viewed with channels as rows; bases B0 uniform
 [0, 1) L2-normalised over D; coef0 = softmax(inv_t · Xᵀ B0) over R; then ``steps`` times
 coef ← coef ⊙ (Xᵀ B) ⊘ (coef BᵀB + eps) and B ← B ⊙ (X coef) ⊘ (B coefᵀcoef + eps);
 one final coef update; reconstruction B coefᵀ.
