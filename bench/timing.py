@@ -11,6 +11,9 @@
 
 ``Rotation`` cycles through several input sets so that back-to-back calls do not find their
 inputs already in cache.
+
+Not ``torch.utils.benchmark.Timer``: its ``blocked_autorange`` reports means of blocks of calls,
+and the tables here need the median, min and max of single calls, interleaved across variants.
 """
 from __future__ import annotations
 
