@@ -19,10 +19,11 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 
 
 def _cxx_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether _C registered an implementation of ``segnext::<op>`` for ``dispatch_key``."""
+    """Whether _C registered an implementation of its kernel ``segnext_C::<op>`` (``<op>`` an
+    ``<name>_forward`` / ``<name>_backward``) for ``dispatch_key``."""
     if not _extension.available():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", dispatch_key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext_C::{op}", dispatch_key)
 
 
 def _numel(shape) -> int:
@@ -53,11 +54,11 @@ def _msca_cuda_limits(p: Problem):
     return None
 
 
-register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_fwd", "CPU"),
+register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_forward", "CPU"),
                 note="2-5x faster than eager (oneDNN) at every SegNeXt shape on both CPUs"))
 register(Kernel("msca", "triton", (F32, F16, BF16), limits=_msca_triton_limits,
                 device_limits=_triton_device_limits))
-register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_fwd", "CUDA"),
+register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_forward", "CUDA"),
                 limits=_msca_cuda_limits))
 
 # ---- dwconv_gelu --------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _dwconv_gelu_cpu_faster(p: Problem) -> bool:
 
 
 register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
-                present=_cxx_kernel("dwconv3x3_gelu_fwd", "CPU"), faster=_dwconv_gelu_cpu_faster,
+                present=_cxx_kernel("dwconv_gelu_forward", "CPU"), faster=_dwconv_gelu_cpu_faster,
                 note="forward faster in both layouts; channels-last backward at best at parity"))
 
 # ---- mlp (inference only) ------------------------------------------------------------------
@@ -80,7 +81,7 @@ register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
 # layouts: 1.08-1.65x channels-last, 1.08-2.8x NCHW (Zen 5, CPU time with the allocator warmed;
 # bench/results/crossover_cpu_zen5.md).
 register(Kernel("mlp", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("mlp_fwd", "CPU"),
+                present=_cxx_kernel("mlp_forward", "CPU"),
                 note="1.08-1.65x the best eager layout at every SegNeXt-T/S/B stage (Zen 5)"))
 
 # ---- nmf2d --------------------------------------------------------------------------------
@@ -102,14 +103,15 @@ def _nmf_triton_limits(p: Problem):
 register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_triton_limits,
                 device_limits=_triton_device_limits))
 # Inference only; reads the (B, C, H, W) map in place in either layout (channels-last fastest).
-register(Kernel("nmf2d", "cpu", (F32, F64), backward=False, present=_cxx_kernel("nmf2d_fwd", "CPU"),
+register(Kernel("nmf2d", "cpu", (F32, F64), backward=False,
+                present=_cxx_kernel("nmf2d_forward", "CPU"),
                 note="3-4x the reference at the SegNeXt-T/B heads (Zen 5)"))
 
 # ---- conv1x1 (inference only) --------------------------------------------------------------
 
 # Channels-last only: another layout is copied to channels-last first.
 register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("conv1x1_fwd", "CPU"),
+                present=_cxx_kernel("conv1x1_forward", "CPU"),
                 faster=lambda p: p.layout == "channels_last",
                 note="channels-last 1.1-4x eager conv + GELU / + scaled shortcut at every MSCAN "
                      "projection of SegNeXt-T and -B (Zen 5)"))
@@ -117,6 +119,6 @@ register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
 # ---- strip_conv (forward only) ---------------------------------------------------------------
 
 register(Kernel("strip_conv", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("strip_conv", "CPU"),
+                present=_cxx_kernel("strip_conv_forward", "CPU"),
                 faster=lambda p: p.layout == "contiguous",
                 note="faster than oneDNN in NCHW only"))

@@ -42,5 +42,5 @@ def strip_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         return strip_conv_ref(x, weight, bias)
     ran("strip_conv", name)
     x = x.contiguous(memory_format=memory_format_of(x))
-    return torch.ops.segnext.strip_conv(x, weight.contiguous(),
-                                        None if bias is None else bias.contiguous())
+    return torch.ops.segnext_C.strip_conv_forward(x, weight.contiguous(),
+                                                  None if bias is None else bias.contiguous())

@@ -227,19 +227,24 @@ def _on_meta(tensors, index):
     return [t.to("meta") if i == index else t for i, t in enumerate(tensors)]
 
 
+def _packed(args, lead):
+    """The ops that take their weights as one list (Tensor[]): after the first ``lead`` tensors."""
+    return args if lead is None else [*args[:lead], list(args[lead:])]
+
+
 def _cxx_cases():
     u, w = _msca_args()
     x, mw = _mlp_args()
     dw, db = torch.rand(4, 1, 3, 3), torch.rand(4)
     strip = torch.rand(4, 1, 1, 7)
     return {
-        "msca_fwd": ("msca_fwd", [u, *w], 4, "b0_1"),
-        "msca_bwd": ("msca_bwd", [u, u, *w], 0, "grad"),
-        "strip_conv-weight": ("strip_conv", [u, strip, db], 1, "weight"),
-        "strip_conv-bias": ("strip_conv", [u, strip, db], 2, "bias"),
-        "dwconv3x3_gelu_fwd": ("dwconv3x3_gelu_fwd", [u, dw, db], 1, "weight"),
-        "dwconv3x3_gelu_bwd": ("dwconv3x3_gelu_bwd", [u, u, dw, db], 3, "bias"),
-        "mlp_fwd": ("mlp_fwd", [x, *mw], 5, "w2"),
+        "msca_forward": ("msca_forward", [u, *w], 4, "b0_1", 1),
+        "msca_backward": ("msca_backward", [u, u, *w], 0, "grad", 2),
+        "strip_conv-weight": ("strip_conv_forward", [u, strip, db], 1, "weight", None),
+        "strip_conv-bias": ("strip_conv_forward", [u, strip, db], 2, "bias", None),
+        "dwconv_gelu_forward": ("dwconv_gelu_forward", [u, dw, db], 1, "weight", None),
+        "dwconv_gelu_backward": ("dwconv_gelu_backward", [u, u, dw, db], 3, "bias", None),
+        "mlp_forward": ("mlp_forward", [x, *mw], 5, "w2", 1),
     }
 
 
@@ -249,32 +254,35 @@ CXX_CASES = _cxx_cases()
 @pytest.mark.skipif(not _extension.available(), reason="segnext_kernels._C is not built")
 @pytest.mark.parametrize("case", list(CXX_CASES))
 def test_cxx_cpu_kernels_refuse_a_tensor_on_another_device(case):
-    op, args, index, name = CXX_CASES[case]
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", "CPU"):
+    op, args, index, name, lead = CXX_CASES[case]
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext_C::{op}", "CPU"):
         pytest.skip(f"this _C has no CPU kernel for {op}")
     # Straight to the CPU kernel: with a meta argument the dispatcher would pick the Meta key.
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match=f"{op}: {name} (is on meta|must be a CPU tensor)"):
-        getattr(torch.ops.segnext, op).default.redispatch(cpu, *_on_meta(args, index))
+        getattr(torch.ops.segnext_C, op).default.redispatch(cpu, *_packed(_on_meta(args, index),
+                                                                          lead))
 
 
 @pytest.mark.skipif(not _extension.available(), reason="segnext_kernels._C is not built")
-@pytest.mark.parametrize("case", ["msca_fwd", "strip_conv-weight", "dwconv3x3_gelu_fwd",
-                                  "mlp_fwd", "custom:msca", "custom:dwconv_gelu", "custom:mlp"])
+@pytest.mark.parametrize("case", ["msca_forward", "strip_conv-weight", "dwconv_gelu_forward",
+                                  "mlp_forward", "custom:msca", "custom:dwconv_gelu", "custom:mlp"])
 def test_registered_ops_refuse_one_argument_on_meta(case):
     if case.startswith("custom:"):
         u, w = _msca_args()
         x, mw = _mlp_args()
-        op, args, index = {"msca": ("msca", [u, *w], 4),
-                           "dwconv_gelu": ("dwconv_gelu", [u, torch.rand(4, 1, 3, 3),
-                                                           torch.rand(4)], 1),
-                           "mlp": ("mlp", [x, *mw], 5)}[case.split(":")[1]]
-        args = [*_on_meta(args, index), "cpu"]
+        op, args, index, lead = {"msca": ("msca", [u, *w], 4, 1),
+                                 "dwconv_gelu": ("dwconv_gelu", [u, torch.rand(4, 1, 3, 3),
+                                                                 torch.rand(4)], 1, None),
+                                 "mlp": ("mlp", [x, *mw], 5, 1)}[case.split(":")[1]]
+        args = [*_packed(_on_meta(args, index), lead), "cpu"]
+        ops = torch.ops.segnext
     else:
-        op, args, index, _ = CXX_CASES[case]
-        args = _on_meta(args, index)
+        op, args, index, _, lead = CXX_CASES[case]
+        args = _packed(_on_meta(args, index), lead)
+        ops = torch.ops.segnext_C
     with pytest.raises((ValueError, RuntimeError), match="meta"):
-        getattr(torch.ops.segnext, op)(*args)
+        getattr(ops, op)(*args)
 
 
 def test_check_one_device_names_the_tensor_elsewhere():

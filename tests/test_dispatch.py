@@ -419,20 +419,20 @@ def test_registered_ops_refuse_mixed_devices():
     ws_meta = list(ws)
     ws_meta[14] = ws_meta[14].to("meta")
     with pytest.raises(ValueError, match=r"weights\[14\] is on meta but u is on cpu"):
-        torch.ops.segnext.msca(u, *ws_meta, "cpu")
+        torch.ops.segnext.msca(u, ws_meta, "cpu")
     with pytest.raises(ValueError, match=r"weights\[14\] is on meta but u is on cpu"):
-        torch.ops.segnext.msca_fwd(u, *ws_meta)
+        torch.ops.segnext_C.msca_forward(u, ws_meta)
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
         torch.ops.segnext.dwconv_gelu(x, torch.randn(3, 1, 3, 3), torch.randn(3, device="meta"), "cpu")
     with pytest.raises(ValueError, match="is on meta but x is on cpu"):
-        torch.ops.segnext.dwconv3x3_gelu_fwd(x, torch.randn(3, 1, 3, 3, device="meta"), torch.randn(3))
+        torch.ops.segnext_C.dwconv_gelu_forward(x, torch.randn(3, 1, 3, 3, device="meta"), torch.randn(3))
     mx, mws = _mlp_inputs()
     mws[3] = mws[3].to("meta")
     with pytest.raises(ValueError, match=r"weights\[3\] is on meta but x is on cpu"):
-        torch.ops.segnext.mlp(mx, *mws, "cpu")
+        torch.ops.segnext.mlp(mx, mws, "cpu")
     with pytest.raises(ValueError, match=r"weights\[3\] is on meta but x is on cpu"):
-        torch.ops.segnext.mlp_fwd(mx, *mws)
+        torch.ops.segnext_C.mlp_forward(mx, mws)
     with pytest.raises(ValueError, match="bases is on meta but X is on cpu"):
         torch.ops.segnext.nmf2d(torch.rand(1, 4, 5), torch.rand(1, 4, 2, device="meta"), 1, 1e-6,
                                 1.0, "unrolled", False, "triton")

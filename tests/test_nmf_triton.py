@@ -112,7 +112,7 @@ def test_eps_and_inv_t_are_honoured(R, steps, eps, inv_t, grad):
 
 def test_poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: nothing unwritten may leak out."""
-    monkeypatch.setattr(nmf_triton, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("SEGNEXT_POISON", "1")
     for (b, D, N, R, steps, chunks) in [(2, 20, 37, 3, 2, 1), (1, 20, 37, 3, 2, 2),
                                         (2, 8, 5, 16, 0, 1), (1, 8, 40, 16, 1, 2)]:
         X = torch.rand(b, D, N, device=DEV)

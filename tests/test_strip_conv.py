@@ -18,7 +18,7 @@ def test_matches_conv2d(shape, k, fmt):
     C = shape[1]
     x = torch.randn(shape).to(memory_format=fmt)
     w, b = torch.randn(C, 1, *k), torch.randn(C)
-    out = torch.ops.segnext.strip_conv(x, w, b)
+    out = torch.ops.segnext_C.strip_conv_forward(x, w, b)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=(k[0] // 2, k[1] // 2), groups=C)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert out.stride() == torch.empty_like(x).stride()
@@ -28,7 +28,7 @@ def test_matches_conv2d(shape, k, fmt):
 def test_dtypes_and_no_bias(dtype, tol):
     x = torch.randn(2, 6, 9, 13).to(dtype)
     w = torch.randn(6, 1, 1, 11).to(dtype)
-    out = torch.ops.segnext.strip_conv(x, w, None)
+    out = torch.ops.segnext_C.strip_conv_forward(x, w, None)
     ref = F.conv2d(x.double(), w.double(), None, padding=(0, 5), groups=6)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -48,13 +48,13 @@ def test_rejects_bad_weight():
         sk.strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3))
     with pytest.raises(ValueError, match="odd k"):
         sk.strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 1, 4))
-    with pytest.raises(RuntimeError, match="strip_conv: weight must be"):
-        torch.ops.segnext.strip_conv(torch.randn(1, 4, 6, 6), torch.randn(3, 1, 1, 7), None)
+    with pytest.raises(RuntimeError, match="strip_conv_forward: weight must be"):
+        torch.ops.segnext_C.strip_conv_forward(torch.randn(1, 4, 6, 6), torch.randn(3, 1, 1, 7), None)
 
 
 def test_fake_tensor_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(2, 4, 8, 8).to(memory_format=torch.channels_last)
-        y = torch.ops.segnext.strip_conv(x, torch.empty(4, 1, 1, 7), torch.empty(4))
+        y = torch.ops.segnext_C.strip_conv_forward(x, torch.empty(4, 1, 1, 7), torch.empty(4))
     assert y.shape == (2, 4, 8, 8) and y.stride() == x.stride()

@@ -14,19 +14,19 @@ recomputing a and h; the 5x5 backward), saving nothing but u. Weight gradients a
 partial sums reduced in a fixed order (deterministic, no atomics). The reasoning, the floor and
 the design estimates: docs/kernels.md#msca-triton.
 
-Debugging hooks: ``POISON = True`` fills every output and temporary with NaN before the kernels
-write them (tests use it to prove that every element is written); ``TILES`` overrides tile sizes
+Debugging hooks: ``SEGNEXT_POISON=1`` (segnext_kernels/_env.py) fills every output and temporary
+with NaN before the kernels write them (tests use it to prove that every element is written); ``TILES`` overrides tile sizes
 (tests use small tiles to exercise tile seams on small images).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-POISON = False   # fill outputs/temporaries with NaN before launching (debug/tests)
+from .. import _env
+
 TILES: dict = {}  # overrides, e.g. {"dw": dict(TH=8, TW=8, BC=4), "max_programs": 3} (tests)
 
 _HALO = 10       # the 21-tap strips reach 10 pixels each way
@@ -41,7 +41,7 @@ _STRIP_SLOTS = (("w0_1", 0, 7), ("w1_1", 8, 11), ("w2_1", 24, 21),
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _env.triton_interpret()
 
 
 # ============================================================================================
@@ -718,14 +718,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _empty(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = torch.empty_like(like, dtype=dtype)
-    if POISON:
+    if _env.poison():
         t.fill_(float("nan"))
     return t
 
 
 def _scratch(n: int, device: torch.device) -> torch.Tensor:
     t = torch.empty(n, device=device, dtype=torch.float32)
-    if POISON:
+    if _env.poison():
         t.fill_(float("nan"))
     return t
 

@@ -85,21 +85,18 @@ BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): u
 backward; every kernel with triton 3.7 and 3.8: ``_triton_compat.nmf_max_registers``). BR = 128
 takes up to ~200: 8 warps per SM.
 
-Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
+Debug switch: ``SEGNEXT_POISON=1`` (segnext_kernels/_env.py) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _triton_compat
+from .. import _env, _triton_compat
 
-POISON_OUTPUTS: bool = os.environ.get("SEGNEXT_POISON_OUTPUTS", "").strip().lower() in (
-    "1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,13 +654,13 @@ def nmf_dx_kernel(bases_hist, du_hist, dp_hist, coef_hist, dx_ptr, steps, D, N, 
 # launchers
 # --------------------------------------------------------------------------------------------
 def _new(shape, like: torch.Tensor) -> torch.Tensor:
-    if POISON_OUTPUTS:
+    if _env.poison():
         return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+    return _env.triton_interpret()
 
 
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
