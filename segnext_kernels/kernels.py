@@ -4,9 +4,9 @@ One entry per (op, backend): the dtypes and memory formats it has code for, whet
 backward, its size limits, and the rule ``auto`` uses to decide that it beats the reference at
 a call (``faster``; absent = always). Dispatch (segnext_kernels/dispatch.py) reads nothing else.
 
-The CPU ``faster`` rules come from measurements on two CPUs (a 2-core Intel Xeon with AVX-512
-and a 2-core AMD EPYC Zen 5), recorded under bench/results/ and explained in
-docs/dispatch.md. The GPU kernels have no rule yet: none has been timed on a GPU.
+The CPU ``faster`` rules come from measurements of every op shape of SegNeXt-T/S/B, kept under
+bench/results/ and explained in docs/dispatch.md (``note`` names the file). GPU kernels have no
+rule: auto takes them (none has been timed on a GPU yet).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from . import _extension
 from .dispatch import Kernel, Problem, register
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+_CROSSOVER = "bench/results/crossover_cpu_zen5.md"  # fused vs eager at every SegNeXt op shape
 
 
 def _cxx_kernel(op: str, dispatch_key: str) -> bool:
@@ -55,7 +56,7 @@ def _msca_cuda_limits(p: Problem):
 
 
 register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_forward", "CPU"),
-                note="2-5x faster than eager (oneDNN) at every SegNeXt shape on both CPUs"))
+                note=_CROSSOVER))
 register(Kernel("msca", "triton", (F32, F16, BF16), limits=_msca_triton_limits,
                 device_limits=_triton_device_limits))
 register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_forward", "CUDA"),
@@ -65,24 +66,25 @@ register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_forw
 
 
 def _dwconv_gelu_cpu_faster(p: Problem) -> bool:
-    # The fused forward is faster in both layouts; its channels-last backward is compute-bound
-    # on GELU' and the recomputed conv, and at best at parity with oneDNN's.
-    return not (p.grad and p.layout == "channels_last")
+    # Channels-last: the forward wins below 128x128 and is at parity above; the backward is
+    # compute-bound on GELU' and the recomputed conv and loses to oneDNN's. NCHW: both win from
+    # 64x64 up; below, the per-plane overhead of a few hundred tiny planes dominates.
+    pixels = p.shape[2] * p.shape[3]
+    if p.layout == "channels_last":
+        return not p.grad and pixels < 128 * 128
+    return pixels >= 64 * 64
 
 
 register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
                 present=_cxx_kernel("dwconv_gelu_forward", "CPU"), faster=_dwconv_gelu_cpu_faster,
-                note="forward faster in both layouts; channels-last backward at best at parity"))
+                note=_CROSSOVER))
 
 # ---- mlp (inference only) ------------------------------------------------------------------
 
-# The fused MLP (its 1x1 convs on register-tiled AVX-512 GEMMs, packed weights cached) is
-# faster than the best eager layout at every MSCAN stage of SegNeXt-T/S/B at 512x512, in both
-# layouts: 1.08-1.65x channels-last, 1.08-2.8x NCHW (Zen 5, CPU time with the allocator warmed;
-# bench/results/crossover_cpu_zen5.md).
+# The fused MLP (its 1x1 convs on register-tiled GEMMs, packed weights cached) is faster than
+# the best eager layout at every MSCAN stage of SegNeXt-T/S/B, in both layouts.
 register(Kernel("mlp", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("mlp_forward", "CPU"),
-                note="1.08-1.65x the best eager layout at every SegNeXt-T/S/B stage (Zen 5)"))
+                present=_cxx_kernel("mlp_forward", "CPU"), note=_CROSSOVER))
 
 # ---- nmf2d --------------------------------------------------------------------------------
 
@@ -105,7 +107,7 @@ register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_
 # Inference only; reads the (B, C, H, W) map in place in either layout (channels-last fastest).
 register(Kernel("nmf2d", "cpu", (F32, F64), backward=False,
                 present=_cxx_kernel("nmf2d_forward", "CPU"),
-                note="3-4x the reference at the SegNeXt-T/B heads (Zen 5)"))
+                note="bench/results/cpu_inference_zen5.md"))
 
 # ---- conv1x1 (inference only) --------------------------------------------------------------
 
@@ -113,12 +115,11 @@ register(Kernel("nmf2d", "cpu", (F32, F64), backward=False,
 register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
                 present=_cxx_kernel("conv1x1_forward", "CPU"),
                 faster=lambda p: p.layout == "channels_last",
-                note="channels-last 1.1-4x eager conv + GELU / + scaled shortcut at every MSCAN "
-                     "projection of SegNeXt-T and -B (Zen 5)"))
+                note="bench/results/cpu_inference_zen5.md"))
 
 # ---- strip_conv (forward only) ---------------------------------------------------------------
 
 register(Kernel("strip_conv", "cpu", (F32, F16, BF16, F64), backward=False,
                 present=_cxx_kernel("strip_conv_forward", "CPU"),
                 faster=lambda p: p.layout == "contiguous",
-                note="faster than oneDNN in NCHW only"))
+                note="bench/results (strip level)"))

@@ -259,17 +259,18 @@ def test_auto_takes_the_fused_mlp_for_inference_and_not_with_a_gradient():
 @needs_cpu
 def test_auto_dwconv_gelu_rule_and_explain():
     w, b = torch.randn(3, 1, 3, 3), torch.randn(3)
-    x = torch.randn(1, 3, 6, 5, requires_grad=True)
-    xl = torch.randn(1, 3, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    big = torch.randn(1, 3, 64, 64, requires_grad=True)           # NCHW from 64x64: fused
+    small = torch.randn(1, 3, 6, 5, requires_grad=True)           # NCHW below: the reference
+    cl = torch.randn(1, 3, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     with sk.record_kernels() as ran:
-        sk.dwconv_gelu(x, w, b).sum().backward()
-        sk.dwconv_gelu(xl, w, b).sum().backward()
+        sk.dwconv_gelu(big, w, b).sum().backward()
+        sk.dwconv_gelu(small, w, b).sum().backward()
+        sk.dwconv_gelu(cl, w, b).sum().backward()                 # channels-last training
         with torch.no_grad():
-            sk.dwconv_gelu(xl, w, b)
-    # NCHW training and channels-last inference fused; channels-last training: the reference
+            sk.dwconv_gelu(cl, w, b)                              # channels-last inference
     assert ran == {("dwconv_gelu", "cpu"): 2, ("dwconv_gelu_backward", "cpu"): 1,
-                   ("dwconv_gelu", "reference"): 1}
-    p = Problem("dwconv_gelu", xl.device, xl.dtype, "channels_last", tuple(xl.shape), True)
+                   ("dwconv_gelu", "reference"): 2}
+    p = Problem("dwconv_gelu", cl.device, cl.dtype, "channels_last", tuple(cl.shape), True)
     text = dispatch.explain(p)
     assert "slower than the reference here" in text and text.endswith("-> reference")
 

@@ -111,6 +111,17 @@ def test_tile_seams_persistent_loop():
     check_kernels(u, ws, g)
 
 
+@pytest.mark.parametrize("dtype,cl", [(torch.float32, False), (torch.float16, True)])
+def test_gpu_depthwise_tiles(dtype, cl):
+    """The depthwise kernels with their GPU tiles (the ones compile_launches.py compiles for
+    sm_80/sm_90): several column tiles and channel blocks, a partial last column tile."""
+    for which in ("dw", "strip_bwd", "dw5_bwd"):
+        cfg = mt._dw_tiles(64, which, gpu=True)
+        mt.TILES[which] = {k: cfg[k] for k in ("TH", "TW", "BC")}
+    u, ws, g = make_inputs(1, 3, 9, 37, dtype, channels_last=cl)
+    check_kernels(u, ws, g)
+
+
 def test_deterministic_weight_grads():
     """Weight gradients are reduced in a fixed order: two runs are bitwise equal."""
     u, ws, g = make_inputs(2, 3, 3, 9)

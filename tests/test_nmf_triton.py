@@ -110,6 +110,19 @@ def test_eps_and_inv_t_are_honoured(R, steps, eps, inv_t, grad):
     check(f"eps/inv_t {R, steps, eps, inv_t}", got, X, bases, steps, grad, gY, **kw)
 
 
+@pytest.mark.parametrize("grad", GRADS)
+def test_gpu_block_sizes_rank_32(monkeypatch, grad):
+    """The launchers with their GPU tiles (the ones compile_launches.py compiles for sm_80 and
+    sm_90) at padded rank 32: several D and N blocks, partial last ones, both launch modes."""
+    monkeypatch.setattr(nmf_triton, "block_sizes", nmf_triton._gpu_block_sizes)
+    for b, D, N, R, steps, chunks in [(1, 80, 100, 20, 2, 1), (1, 80, 100, 20, 2, 2)]:
+        X = torch.rand(b, D, N, device=DEV)
+        bases = draw_bases(b, D, R, device=DEV)
+        gY = torch.randn_like(X)
+        got = run_launchers(X, bases, steps, grad, gY, n_chunks=chunks)
+        check(f"gpu tiles {(b, D, N, R, steps, chunks)}", got, X, bases, steps, grad, gY)
+
+
 def test_poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: nothing unwritten may leak out."""
     monkeypatch.setenv("SEGNEXT_POISON", "1")

@@ -8,6 +8,9 @@
 # Triton 3.5 and 3.6's interpreters cannot run with numpy >= 2.4 (they turn 1-element arrays
 # into loop bounds with int(), which numpy 2.4 refuses), so the oldest version's interpreter
 # run gets numpy < 2.4 from its own folder, in this job only.
+# The compiled kernels are cached (Triton's own cache, keyed by Triton version, kernel source and
+# launch) in the same folder, so a rerun only compiles what changed; remove
+# $TMPDIR/segnext-triton-matrix/triton-cache for a cold run. It is emptied above 3 GB.
 # Run from a virtual environment that has the package and its test requirements
 # Usage: tools/triton_matrix.sh [--skip-installed] [VERSION ...]; --skip-installed (what .ci/run
 # passes, after the main suite) leaves out the compile-only run of the version installed in the
@@ -27,6 +30,10 @@ fi
 if [ $# -gt 0 ]; then VERSIONS=("$@"); fi
 ROOT="${TMPDIR:-/tmp}/segnext-triton-matrix"
 mkdir -p "$ROOT"
+export TRITON_CACHE_DIR="$ROOT/triton-cache"
+if [ -d "$TRITON_CACHE_DIR" ] && [ "$(du -sm "$TRITON_CACHE_DIR" | cut -f1)" -gt 3072 ]; then
+    rm -rf "$TRITON_CACHE_DIR"
+fi
 
 install() {  # install DIR REQUIREMENT: pip --target, once (a finished install leaves a stamp)
     if [ ! -f "$1/.installed" ]; then

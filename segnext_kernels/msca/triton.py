@@ -662,11 +662,12 @@ def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
     TW x BC = 256 (forward) / 128 (backward) fp32 values per [TW, BC] register tile, i.e. 2 / 1
     registers per thread per tile, so that the 31 rolling tiles fit without spills."""
     if gpu:
-        # strip_bwd holds [32, TW, BC] tap stacks: TW x BC = 32 (4 registers per thread per
-        # stack at 8 warps) keeps it without spills on sm_80 and sm_90 with every supported
-        # Triton; TW x BC = 64 spilled at 255 registers (tests/compile_launches.py checks).
+        # strip_bwd holds [32, TW, BC] tap stacks: TW x BC = 16 (2 registers per thread per
+        # stack at 8 warps; BC = 1 keeps 16 contiguous pixels per row in NCHW) keeps it without
+        # spills on sm_80 and sm_90 with every supported Triton; 16 x 2 spilled with triton 3.5
+        # (sm_90, 16-bit NCHW), 16 x 4 more widely (tests/compile_launches.py checks).
         cfg = {"dw": dict(TH=64, TW=64, BC=4, num_warps=8),
-               "strip_bwd": dict(TH=32, TW=16, BC=2, num_warps=8),
+               "strip_bwd": dict(TH=32, TW=16, BC=1, num_warps=8),
                "dw5_bwd": dict(TH=16, TW=32, BC=4, num_warps=4)}[which]
     else:  # interpreter: few big programs (its cost is per program and per op, not per element)
         cfg = {"dw": dict(TH=64, TW=32, BC=64, num_warps=4),

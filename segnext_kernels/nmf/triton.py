@@ -79,8 +79,8 @@ through memory between phases); C_0 reaches the first update through memory (a r
 feeding a dot gets rematerialised in the dot-operand layout: the whole K row per thread); and
 loop-invariant address math is not hoisted (``disable_licm``: a pointer per element per tile
 would stay live). GPU tiles (``_gpu_block_sizes``), all at 8 warps: BLOCK_D × BLOCK_N = 64×64
-for BR ≤ 32, 32×32 for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at
-BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
+for BR = 16, 64×32 for BR = 32 (an N×R tile of 4 registers per thread, as at BR = 16), 32×32
+for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
 128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent
 backward; every kernel with triton 3.7 and 3.8: ``_triton_compat.nmf_max_registers``). BR = 128
 takes up to ~200: 8 warps per SM.
@@ -707,8 +707,13 @@ def block_sizes(D: int, N: int, R: int):
 
 def _gpu_block_sizes(D: int, N: int, R: int):
     BR = _pow2_clamp(R, 16, 1 << 30)
-    if BR <= 32:
+    if BR == 16:
         return _pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 64), BR
+    if BR == 32:
+        # a (BLOCK_N, BR) tile of 4 registers per thread at 8 warps, as at BR = 16: with 64 N
+        # columns (8 per thread) the forward and coef kernels spilled at 128 registers on sm_80
+        # with triton 3.9
+        return _pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 32), BR
     # BR ≥ 64: a (BLOCK_N, BR) tile is 8 registers per thread at 8 warps
     return _pow2_clamp(D, 16, 32), _pow2_clamp(N, 16, 32), BR
 
