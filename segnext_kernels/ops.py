@@ -267,9 +267,9 @@ def mlp_fused(x: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
 def _nmf_kernels(backend: str):
     """The module of a backend's NMF2D kernels: ``nmf_forward``, ``nmf_backward`` and
     ``ring_sizes`` (how many steps of state it saves), with the signatures of
-    segnext_kernels.nmf.triton. A CUDA or CPU backend adds a branch here."""
+    segnext_kernels.nmf2d.triton. A CUDA or CPU backend adds a branch here."""
     if backend == "triton":
-        return importlib.import_module("segnext_kernels.nmf.triton")
+        return importlib.import_module("segnext_kernels.nmf2d.triton")
     raise ValueError(f"nmf2d has no fused kernel for backend {backend!r}")
 
 

@@ -186,7 +186,7 @@ NMF_CASES = ((2, 5, 7, 3, 2), (1, 17, 3, 4, 1), (1, 9, 1, 2, 3))
 
 
 def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
-    from .nmf.reference import nmf_decompose_ref
+    from .nmf2d.reference import nmf_decompose_ref
     from .ops import nmf2d_fused
 
     b, D, N, R, steps = case
@@ -216,7 +216,7 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
 def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
     """An inference-only NMF kernel (cpu): the forward on the (b, D, H, W) map, in the layout,
     with S = 1 and, for D even, S = 2 groups."""
-    from .nmf.reference import nmf_decompose_ref
+    from .nmf2d.reference import nmf_decompose_ref
     from .ops import nmf2d_inference
 
     b, D, N, R, steps = case

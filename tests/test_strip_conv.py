@@ -1,10 +1,10 @@
-"""The first op of _C: depthwise strip convolution forward vs torch.nn.functional.conv2d."""
+"""The private strip-conv op (the benchmark's ``strip`` level): forward vs torch.nn.functional.conv2d."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import segnext_kernels as sk
 from segnext_kernels import _extension
+from segnext_kernels._strip_conv import strip_conv, strip_conv_ref
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="segnext_kernels._C not built")
 
@@ -37,17 +37,17 @@ def test_dtypes_and_no_bias(dtype, tol):
 def test_public_wrapper_uses_op_and_falls_back_for_autograd():
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
     w, b = torch.randn(4, 1, 7, 1), torch.randn(4)
-    y = sk.strip_conv(x, w, b)
+    y = strip_conv(x, w, b)
     y.sum().backward()  # the reference carries autograd
     assert x.grad is not None
-    torch.testing.assert_close(sk.strip_conv(x.detach(), w, b), sk.strip_conv_ref(x.detach(), w, b))
+    torch.testing.assert_close(strip_conv(x.detach(), w, b), strip_conv_ref(x.detach(), w, b))
 
 
 def test_rejects_bad_weight():
     with pytest.raises(ValueError, match=r"weight must have shape \(C, 1, 1, k\)"):
-        sk.strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3))
+        strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3))
     with pytest.raises(ValueError, match="odd k"):
-        sk.strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 1, 4))
+        strip_conv(torch.randn(1, 4, 6, 6), torch.randn(4, 1, 1, 4))
     with pytest.raises(RuntimeError, match="strip_conv_forward: weight must be"):
         torch.ops.segnext_C.strip_conv_forward(torch.randn(1, 4, 6, 6), torch.randn(3, 1, 1, 7), None)
 

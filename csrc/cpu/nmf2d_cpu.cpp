@@ -9,7 +9,7 @@
 //   B_{t+1} = B_t * (X C_{t+1}) / (B_t (C_{t+1}^T C_{t+1}) + eps)    t = 0..K-1
 //   Y = B_K C_{K+1}^T
 //
-// which is the reference's order of updates (segnext_kernels/nmf/reference.py).
+// which is the reference's order of updates (segnext_kernels/nmf2d/reference.py).
 //
 // * A channels-last map holds X^T: pixel rows of C channels, the group's D at offset s * D.
 //   So U = X^T B and Y^T = C B^T are GEMMs over pixel rows (gemm.h), and X C = (C^T X^T)^T is a

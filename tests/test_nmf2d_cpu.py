@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import segnext_kernels as sk
-from segnext_kernels.nmf.reference import nmf_decompose_ref
+from segnext_kernels.nmf2d.reference import nmf_decompose_ref
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.op_backends().get("nmf2d", ()),
                                 reason="segnext_kernels._C has no CPU NMF kernel: "
@@ -96,7 +96,7 @@ def test_poisoned_outputs_are_overwritten():
     # SEGNEXT_POISON=1 (in a fresh interpreter): the output and the coef state start as NaN.
     script = textwrap.dedent("""
         import torch, segnext_kernels as sk
-        from segnext_kernels.nmf.reference import nmf_decompose_ref
+        from segnext_kernels.nmf2d.reference import nmf_decompose_ref
         torch.manual_seed(0)
         for (B, C, H, W, S, R, steps), fmt in [((2, 33, 5, 7, 1, 20, 3), torch.channels_last),
                                                ((1, 12, 3, 3, 2, 5, 7), torch.contiguous_format),

@@ -1,4 +1,9 @@
-"""Depthwise strip convolution (1×k or k×1, 'same' padding, with bias): reference and _C op."""
+"""Depthwise strip convolution (1×k or k×1, 'same' padding, with bias): reference and _C op.
+
+Private: the model never calls it (MSCA fuses its strips). It is kept as the kernel of the
+benchmark's ``strip`` level, which measures one strip conv against oneDNN's depthwise conv, the
+unit every MSCA kernel is built from.
+"""
 from __future__ import annotations
 
 import torch

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import segnext_kernels
-from segnext_kernels.nmf import triton as nmf_triton
-from segnext_kernels.nmf.reference import draw_bases, nmf_decompose_ref
+from segnext_kernels.nmf2d import triton as nmf_triton
+from segnext_kernels.nmf2d.reference import draw_bases, nmf_decompose_ref
 from segnext_kernels.ops import nmf2d_op
 
 import compile_launches

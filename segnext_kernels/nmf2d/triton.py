@@ -682,7 +682,7 @@ def _launch_options(BR: int, persistent_backward: bool = False) -> dict:
 
 
 # Largest padded rank the kernels are tuned and checked for (sm_90: BR = 128 in ~200 registers,
-# ≤ 32 KB of shared memory, no spills); larger ranks run the reference (nmf/functional.py).
+# ≤ 32 KB of shared memory, no spills); larger ranks run the reference (nmf2d/functional.py).
 MAX_RANK = 128
 
 
