@@ -38,7 +38,8 @@ def _on_gpu(t: torch.Tensor) -> bool:
 
 
 def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
-    """Tile sizes of the depthwise kernels. GPU values are untuned first guesses (see docstring):
+    """Tile sizes of the depthwise kernels. GPU values are untuned first guesses
+    (docs/kernels.md#msca-triton):
     TW x BC = 256 (forward) / 128 (backward) fp32 values per [TW, BC] register tile, i.e. 2 / 1
     registers per thread per tile, so that the 31 rolling tiles fit without spills."""
     if gpu:
