@@ -1,7 +1,7 @@
 """Level "strip": one depthwise strip convolution (1x7, 1x21, 21x1 with bias), forward.
 
 Variants: PyTorch ``F.conv2d(groups=C)`` (cuDNN / oneDNN / the native depthwise kernel) in
-NCHW and channels_last — the eager baselines — and ``segnext_kernels.strip_conv`` on every
+NCHW and channels_last — the eager baselines — and ``segnext_kernels._strip_conv.strip_conv`` (private) on every
 backend that has a strip-conv kernel for the device (``cpu``: the C++ op of ``_C``,
 forward only).
 """
@@ -49,7 +49,7 @@ def _make_conv2d(dims, k, cfg, layout):
 def _make_ours(dims, k, cfg):
     def make_for(backend, layout):
         def make():
-            from segnext_kernels import strip_conv
+            from segnext_kernels._strip_conv import strip_conv
             xs, w, b = _inputs(*dims, k, cfg, layout)
             nxt = cycle(xs)
             return lambda: strip_conv(nxt()[0], w, b, backend=backend)

@@ -106,7 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--power", type=float, default=1.0, help="poly decay power")
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
-                   help="autocast dtype; fp16 adds a GradScaler (for CUDA: on the CPU it runs, ~2x slower than bf16)")
+                   help="autocast dtype; fp16 adds a GradScaler (for CUDA: on the CPU it runs, but slower "
+                        "than bf16)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute the backbone blocks in backward instead of storing them")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -198,7 +199,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                              f"{exc.strerror or error_summary(exc)}") from None
         if amp_dtype is torch.float16 and rt.device.type != "cuda":
             # Allowed (it is how the GradScaler path gets tested without a GPU), but slow.
-            logger.warning("--amp fp16 on the CPU runs about 2x slower than --amp bf16 "
+            logger.warning("--amp fp16 on the CPU runs slower than --amp bf16 "
                            "(the CPU has no fast float16 arithmetic); prefer bf16 here")
         with segnext_kernels.use_backend(args.backend):
             return run_training(args, rt, amp_dtype, out_dir, logger)

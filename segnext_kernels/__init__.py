@@ -1,7 +1,6 @@
 """segnext-kernels: fused MSCA and NMF2D kernels for SegNeXt.
 
-Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``conv1x1``,
-``strip_conv``, the references
+Public API: ``msca``/``MSCA``, ``nmf2d``/``NMF2D``, ``dwconv_gelu``, ``mlp``, ``conv1x1``, the references
 (``msca_ref``, ``nmf_decompose_ref``), backend selection (``available_backends``,
 ``use_backend``, ``set_backend``, ``get_backend``, ``op_backends``) and ``record_kernels`` (which
 kernels ran).
@@ -14,9 +13,8 @@ from .dispatch import op_backends, record_kernels
 from .dwconv_gelu import dwconv_gelu, dwconv_gelu_ref
 from .mlp import FusedMlp, mlp, mlp_ref
 from .msca import MSCA, MSCAWeights, msca, msca_ref
-from .nmf import NMF2D, draw_bases, nmf2d, nmf_decompose_ref
+from .nmf2d import NMF2D, draw_bases, nmf2d, nmf_decompose_ref
 from .patch import patch, unpatch
-from .strip_conv import strip_conv, strip_conv_ref
 from . import ops  # noqa: F401  (registers the torch.library ops)
 
 __version__ = "0.1.0"
@@ -26,7 +24,7 @@ _extension.warn_once()
 __all__ = [
     "MSCA", "MSCAWeights", "msca", "msca_ref",
     "NMF2D", "nmf2d", "nmf_decompose_ref", "draw_bases",
-    "strip_conv", "strip_conv_ref", "dwconv_gelu", "dwconv_gelu_ref",
+    "dwconv_gelu", "dwconv_gelu_ref",
     "mlp", "mlp_ref", "FusedMlp", "conv1x1", "conv1x1_ref", "patch", "unpatch",
     "available_backends", "use_backend", "set_backend", "get_backend", "op_backends",
     "record_kernels",

@@ -8,6 +8,10 @@ SEGNEXT_VERIFY       "0" turns off the one-time check of each fused kernel again
 TRITON_INTERPRET     if "1", Triton kernels run on the CPU through Triton's interpreter.
 SEGNEXT_CHECK_INPUTS if "1", ops also check input values (nmf2d: x, bases non-negative and finite);
                      off by default: a value check waits for the GPU on every call.
+SEGNEXT_POISON       if "1" (tests), kernels fill their outputs with NaN before computing, so an
+                     element a kernel leaves unwritten fails the comparison with the reference.
+                     One name for Python, Triton and C++: the C++ kernels get it when _C loads
+                     (_extension.set_poison, which tests also call to flip it).
 """
 from __future__ import annotations
 
@@ -40,3 +44,8 @@ def triton_interpret() -> bool:
 def check_inputs() -> bool:
     """SEGNEXT_CHECK_INPUTS, read at call time (a debug switch, flipped by tests)."""
     return _flag("SEGNEXT_CHECK_INPUTS")
+
+
+def poison() -> bool:
+    """SEGNEXT_POISON, read at call time (_extension hands it to _C when it loads it)."""
+    return _flag("SEGNEXT_POISON")

@@ -3,6 +3,11 @@
 ``import segnext_kernels`` never fails because of it: if ``_C`` is missing or cannot be loaded
 (built for another torch, say), the reason is kept, reported once as a warning, and the
 ``cpu``/``cuda`` backends report it as why they are unavailable.
+
+``_C`` registers its kernels as the torch.library ops ``segnext_C::<op>_forward`` /
+``<op>_backward`` (csrc/segnext_ops.cpp), apart from the public custom ops ``segnext::<op>`` of
+ops.py that call them. Once loaded, it is told the flags it obeys (``SEGNEXT_POISON``, read in
+_env.py): C++ reads no environment.
 """
 from __future__ import annotations
 
@@ -27,9 +32,17 @@ def _load() -> None:
         import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
         _C = importlib.import_module("segnext_kernels._C")
+        _C.set_poison(_env.poison())  # (an AttributeError: a _C built from older sources)
     except Exception as exc:  # ImportError, OSError (undefined symbol), RuntimeError
         _C = None
         _error = f"{type(exc).__name__}: {exc}".strip()
+
+
+def set_poison(flag: bool) -> None:
+    """Output poisoning of the C++ kernels (``SEGNEXT_POISON``, handed over when ``_C`` loads):
+    outputs start as NaN, so an element a kernel leaves unwritten shows up. Tests flip it here."""
+    if _C is not None:
+        _C.set_poison(bool(flag))
 
 
 _load()

@@ -1,6 +1,6 @@
 """The Triton versions the kernels support, and every launch setting that differs between them.
 
-The kernels (``msca/triton.py``, ``nmf/triton.py``) are one source for every supported version;
+The kernels (``msca/triton_kernels.py``, ``nmf2d/triton.py``) are one source for every supported version;
 where a version needs another launch configuration, it is chosen here and nowhere else.
 
 Each torch release pins one Triton (torch 2.9 -> 3.5, 2.10 and 2.11 -> 3.6, 2.12 and 2.13 ->

@@ -20,10 +20,11 @@ _CROSSOVER = "bench/results/crossover_cpu_zen5.md"  # fused vs eager at every Se
 
 
 def _cxx_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether _C registered an implementation of ``segnext::<op>`` for ``dispatch_key``."""
+    """Whether _C registered an implementation of its kernel ``segnext_C::<op>`` (``<op>`` an
+    ``<name>_forward`` / ``<name>_backward``) for ``dispatch_key``."""
     if not _extension.available():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", dispatch_key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext_C::{op}", dispatch_key)
 
 
 def _numel(shape) -> int:
@@ -54,11 +55,11 @@ def _msca_cuda_limits(p: Problem):
     return None
 
 
-register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_fwd", "CPU"),
+register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_forward", "CPU"),
                 note=_CROSSOVER))
 register(Kernel("msca", "triton", (F32, F16, BF16), limits=_msca_triton_limits,
                 device_limits=_triton_device_limits))
-register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_fwd", "CUDA"),
+register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_forward", "CUDA"),
                 limits=_msca_cuda_limits))
 
 # ---- dwconv_gelu --------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def _dwconv_gelu_cpu_faster(p: Problem) -> bool:
 
 
 register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
-                present=_cxx_kernel("dwconv3x3_gelu_fwd", "CPU"), faster=_dwconv_gelu_cpu_faster,
+                present=_cxx_kernel("dwconv_gelu_forward", "CPU"), faster=_dwconv_gelu_cpu_faster,
                 note=_CROSSOVER))
 
 # ---- mlp (inference only) ------------------------------------------------------------------
@@ -83,7 +84,7 @@ register(Kernel("dwconv_gelu", "cpu", (F32, F16, BF16, F64),
 # The fused MLP (its 1x1 convs on register-tiled GEMMs, packed weights cached) is faster than
 # the best eager layout at every MSCAN stage of SegNeXt-T/S/B, in both layouts.
 register(Kernel("mlp", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("mlp_fwd", "CPU"), note=_CROSSOVER))
+                present=_cxx_kernel("mlp_forward", "CPU"), note=_CROSSOVER))
 
 # ---- nmf2d --------------------------------------------------------------------------------
 
@@ -104,20 +105,21 @@ def _nmf_triton_limits(p: Problem):
 register(Kernel("nmf2d", "triton", (F32,), layouts=("contiguous",), limits=_nmf_triton_limits,
                 device_limits=_triton_device_limits))
 # Inference only; reads the (B, C, H, W) map in place in either layout (channels-last fastest).
-register(Kernel("nmf2d", "cpu", (F32, F64), backward=False, present=_cxx_kernel("nmf2d_fwd", "CPU"),
+register(Kernel("nmf2d", "cpu", (F32, F64), backward=False,
+                present=_cxx_kernel("nmf2d_forward", "CPU"),
                 note="bench/results/cpu_inference_zen5.md"))
 
 # ---- conv1x1 (inference only) --------------------------------------------------------------
 
 # Channels-last only: another layout is copied to channels-last first.
 register(Kernel("conv1x1", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("conv1x1_fwd", "CPU"),
+                present=_cxx_kernel("conv1x1_forward", "CPU"),
                 faster=lambda p: p.layout == "channels_last",
                 note="bench/results/cpu_inference_zen5.md"))
 
 # ---- strip_conv (forward only) ---------------------------------------------------------------
 
 register(Kernel("strip_conv", "cpu", (F32, F16, BF16, F64), backward=False,
-                present=_cxx_kernel("strip_conv", "CPU"),
+                present=_cxx_kernel("strip_conv_forward", "CPU"),
                 faster=lambda p: p.layout == "contiguous",
                 note="bench/results (strip level)"))

@@ -6,10 +6,12 @@ the real kernels') and a registered autograd formula, so it works under ``torch.
 is an argument of the op: the wrappers resolve it when they are called (at trace time under
 ``torch.compile``), and the op runs that backend's kernel.
 
-Kernels per backend (each imported lazily, on first use):
-- triton: ``segnext_kernels.<op>.triton`` (Python module of Triton kernels);
-- cpu / cuda: the C++ ops ``torch.ops.segnext.*`` of ``segnext_kernels._C``, one schema with
-  CPU and CUDA implementations (csrc/).
+Names: the public custom ops are ``segnext::<op>`` and ``segnext::<op>_backward``; the kernels
+they call are ``<op>_forward`` / ``<op>_backward`` in every backend:
+- triton: ``segnext_kernels.<op>.triton`` (Python module of Triton kernels, imported lazily);
+- cpu / cuda: the C++ ops ``torch.ops.segnext_C.<op>_forward`` / ``<op>_backward`` of
+  ``segnext_kernels._C``, one schema with CPU and CUDA implementations (csrc/segnext_ops.cpp),
+  in a library of their own so that they never clash with the public ops.
 """
 from __future__ import annotations
 
@@ -31,51 +33,75 @@ def _one_device(op: str, named) -> None:
     check_one_device(f"segnext::{op}", named)
 
 
+def _cxx_one_device(op: str, named) -> None:
+    check_one_device(f"segnext_C::{op}", named)
+
+
 def _weights_named(weights, prefix="weights"):
     return [(f"{prefix}[{i}]", w) for i, w in enumerate(weights)]
 
+
 # --------------------------------------------------------------------------------------------
-# strip_conv: depthwise 1xk / kx1 convolution with bias (the first op of _C; CPU only)
+# Fakes of the C++ kernels (segnext_C::*), so that they trace on their own too; the public ops
+# below call them from their real implementations only.
 # --------------------------------------------------------------------------------------------
 def _register_cxx_fakes() -> None:
     if not _extension.available():
         return
 
-    @torch.library.register_fake("segnext::strip_conv")
+    @torch.library.register_fake("segnext_C::strip_conv_forward")
     def _(x, weight, bias):
-        _one_device("strip_conv", [("x", x), ("weight", weight)]
-                    + ([("bias", bias)] if bias is not None else []))
+        _cxx_one_device("strip_conv_forward", [("x", x), ("weight", weight)]
+                        + ([("bias", bias)] if bias is not None else []))
         return torch.empty_like(x)
 
-    if _cxx_kernel("msca_fwd", "CPU") or _cxx_kernel("msca_fwd", "CUDA"):
-        # Called only inside the msca custom op below; fakes keep them traceable on their own.
-        @torch.library.register_fake("segnext::msca_fwd")
-        def _(u, *w):
-            _one_device("msca_fwd", [("u", u)] + _weights_named(w))
+    if _cxx_kernel("msca_forward", "CPU") or _cxx_kernel("msca_forward", "CUDA"):
+        @torch.library.register_fake("segnext_C::msca_forward")
+        def _(u, weights):
+            _cxx_one_device("msca_forward", [("u", u)] + _weights_named(weights))
             return torch.empty_like(u)
 
-        @torch.library.register_fake("segnext::msca_bwd")
-        def _(grad, u, *w):
-            _one_device("msca_bwd", [("u", u), ("grad", grad)] + _weights_named(w))
-            return [torch.empty_like(u)] + [torch.empty_like(t) for t in w]
+        @torch.library.register_fake("segnext_C::msca_backward")
+        def _(grad, u, weights):
+            _cxx_one_device("msca_backward", [("u", u), ("grad", grad)] + _weights_named(weights))
+            return [torch.empty_like(u)] + [torch.empty_like(w) for w in weights]
 
-    if _cxx_kernel("dwconv3x3_gelu_fwd", "CPU"):
-        @torch.library.register_fake("segnext::dwconv3x3_gelu_fwd")
+    if _cxx_kernel("dwconv_gelu_forward", "CPU"):
+        @torch.library.register_fake("segnext_C::dwconv_gelu_forward")
         def _(x, weight, bias):
-            _one_device("dwconv3x3_gelu_fwd", [("x", x), ("weight", weight), ("bias", bias)])
+            _cxx_one_device("dwconv_gelu_forward", [("x", x), ("weight", weight), ("bias", bias)])
             return torch.empty_like(x)
 
-        @torch.library.register_fake("segnext::dwconv3x3_gelu_bwd")
+        @torch.library.register_fake("segnext_C::dwconv_gelu_backward")
         def _(grad, x, weight, bias):
-            _one_device("dwconv3x3_gelu_bwd", [("x", x), ("grad", grad), ("weight", weight),
-                                               ("bias", bias)])
+            _cxx_one_device("dwconv_gelu_backward", [("x", x), ("grad", grad),
+                                                     ("weight", weight), ("bias", bias)])
             return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)]
 
-    if _cxx_kernel("mlp_fwd", "CPU"):
-        @torch.library.register_fake("segnext::mlp_fwd")
-        def _(x, *weights):
-            _one_device("mlp_fwd", [("x", x)] + _weights_named(weights))
+    if _cxx_kernel("mlp_forward", "CPU"):
+        @torch.library.register_fake("segnext_C::mlp_forward")
+        def _(x, weights):
+            _cxx_one_device("mlp_forward", [("x", x)] + _weights_named(weights))
             return torch.empty_like(x)
+
+    if _cxx_kernel("nmf2d_forward", "CPU"):
+        @torch.library.register_fake("segnext_C::nmf2d_forward")
+        def _(x, bases, S, steps, eps, inv_t):
+            return torch.empty_like(x, dtype=_nmf2d_forward_dtype(x))
+
+    if _cxx_kernel("conv1x1_forward", "CPU"):
+        @torch.library.register_fake("segnext_C::conv1x1_forward")
+        def _(x, weight, bias, act, residual, scale):
+            return _conv1x1_out(x, weight)
+
+
+def _nmf2d_forward_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _conv1x1_out(x: Tensor, weight: Tensor) -> Tensor:
+    B, _, H, W = x.shape
+    return x.new_empty((B, weight.shape[0], H, W)).contiguous(memory_format=memory_format_of(x))
 
 
 _register_cxx_fakes()
@@ -86,41 +112,40 @@ _register_cxx_fakes()
 
 
 def _msca_kernels(backend: str):
-    """(forward, backward) callables of a backend for MSCA."""
+    """(forward(u, weights), backward(grad, u, weights)) of a backend for MSCA; ``weights``: the
+    16 tensors of segnext_kernels.msca.reference.MSCAWeights."""
     if backend == "triton":
         mod = importlib.import_module("segnext_kernels.msca.triton")
-        return mod.msca_forward, mod.msca_backward
+        return (lambda u, w: mod.msca_forward(u, *w),
+                lambda grad, u, w: mod.msca_backward(grad, u, *w))
     if backend in ("cpu", "cuda"):
         _extension.require()  # a clear error naming the fix when _C is missing
-        return torch.ops.segnext.msca_fwd, torch.ops.segnext.msca_bwd
+        return torch.ops.segnext_C.msca_forward, torch.ops.segnext_C.msca_backward
     raise ValueError(f"msca has no fused kernel for backend {backend!r}")
 
 
 @torch.library.custom_op("segnext::msca", mutates_args=())
-def msca_op(u: Tensor, w0: Tensor, b0: Tensor, w0_1: Tensor, b0_1: Tensor, w0_2: Tensor,
-            b0_2: Tensor, w1_1: Tensor, b1_1: Tensor, w1_2: Tensor, b1_2: Tensor, w2_1: Tensor,
-            b2_1: Tensor, w2_2: Tensor, b2_2: Tensor, w3: Tensor, b3: Tensor,
-            backend: str) -> Tensor:
-    weights = (w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1, b2_1, w2_2, b2_2, w3, b3)
+def msca_op(u: Tensor, weights: List[Tensor], backend: str) -> Tensor:
+    """``weights``: the 16 tensors of MSCAWeights."""
     _one_device("msca", [("u", u)] + _weights_named(weights))
     fwd, _ = _msca_kernels(backend)
     ran("msca", backend)
-    return fwd(u, *weights)
+    return fwd(u, weights)
 
 
 @msca_op.register_fake
-def _(u, *args):
-    _one_device("msca", [("u", u)] + _weights_named(args[:-1]))
+def _(u, weights, backend):
+    _one_device("msca", [("u", u)] + _weights_named(weights))
     return torch.empty_like(u)
 
 
 @torch.library.custom_op("segnext::msca_backward", mutates_args=())
 def msca_backward_op(grad: Tensor, u: Tensor, weights: List[Tensor], backend: str) -> List[Tensor]:
-    """Returns [grad_u, then the 16 weight/bias gradients in the op's argument order]."""
+    """Returns [grad_u, then the 16 weight/bias gradients in MSCAWeights order]."""
     _one_device("msca_backward", [("u", u), ("grad", grad)] + _weights_named(weights))
     _, bwd = _msca_kernels(backend)
     ran("msca_backward", backend)
-    return list(bwd(grad, u, *weights))
+    return list(bwd(grad, u, weights))
 
 
 @msca_backward_op.register_fake
@@ -130,22 +155,22 @@ def _(grad, u, weights, backend):
 
 
 def _msca_setup_context(ctx, inputs, output):
-    ctx.backend = inputs[-1]
-    ctx.save_for_backward(*inputs[:-1])  # u and the 16 weights: nothing of u's size but u
+    u, weights, ctx.backend = inputs
+    ctx.save_for_backward(u, *weights)  # nothing of u's size but u
 
 
 def _msca_backward(ctx, grad):
     u, *weights = ctx.saved_tensors
-    grads = msca_backward_op(grad.contiguous(memory_format=memory_format_of(u)), u, weights,
-                             ctx.backend)
-    return (*grads, None)
+    grad_u, *grad_weights = msca_backward_op(grad.contiguous(memory_format=memory_format_of(u)),
+                                             u, weights, ctx.backend)
+    return grad_u, grad_weights, None
 
 
 torch.library.register_autograd("segnext::msca", _msca_backward, setup_context=_msca_setup_context)
 
 
 def msca_fused(u: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
-    return msca_op(u, *weights, backend)
+    return msca_op(u, list(weights), backend)
 
 # --------------------------------------------------------------------------------------------
 # dwconv_gelu: the MLP's depthwise 3x3 conv + bias + GELU
@@ -153,7 +178,7 @@ def msca_fused(u: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
 def _dwconv_gelu_kernels(backend: str):
     if backend == "cpu":
         _extension.require()
-        return torch.ops.segnext.dwconv3x3_gelu_fwd, torch.ops.segnext.dwconv3x3_gelu_bwd
+        return torch.ops.segnext_C.dwconv_gelu_forward, torch.ops.segnext_C.dwconv_gelu_backward
     raise ValueError(f"dwconv_gelu has no fused kernel for backend {backend!r}")
 
 
@@ -214,24 +239,24 @@ def dwconv_gelu_fused(x: Tensor, weight: Tensor, bias: Tensor, backend: str) -> 
 # functional wrapper runs fc1, dwconv_gelu and fc2 when a gradient is needed)
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("segnext::mlp", mutates_args=())
-def mlp_op(x: Tensor, w1: Tensor, b1: Tensor, wd: Tensor, bd: Tensor, w2: Tensor, b2: Tensor,
-           backend: str) -> Tensor:
-    _one_device("mlp", [("x", x)] + _weights_named((w1, b1, wd, bd, w2, b2)))
+def mlp_op(x: Tensor, weights: List[Tensor], backend: str) -> Tensor:
+    """``weights``: w1, b1, wd, bd, w2, b2."""
+    _one_device("mlp", [("x", x)] + _weights_named(weights))
     if backend != "cpu":
         raise ValueError(f"mlp has no fused kernel for backend {backend!r}")
     _extension.require()
     ran("mlp", backend)
-    return torch.ops.segnext.mlp_fwd(x, w1, b1, wd, bd, w2, b2)
+    return torch.ops.segnext_C.mlp_forward(x, weights)
 
 
 @mlp_op.register_fake
-def _(x, *args):
-    _one_device("mlp", [("x", x)] + _weights_named(args[:-1]))
+def _(x, weights, backend):
+    _one_device("mlp", [("x", x)] + _weights_named(weights))
     return torch.empty_like(x)
 
 
 def mlp_fused(x: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
-    return mlp_op(x, *weights, backend)
+    return mlp_op(x, list(weights), backend)
 
 # --------------------------------------------------------------------------------------------
 # nmf2d: the NMF decomposition of Hamburger (X (b, D, N), bases (b, D, R) -> reconstruction)
@@ -242,9 +267,9 @@ def mlp_fused(x: Tensor, weights: Sequence[Tensor], backend: str) -> Tensor:
 def _nmf_kernels(backend: str):
     """The module of a backend's NMF2D kernels: ``nmf_forward``, ``nmf_backward`` and
     ``ring_sizes`` (how many steps of state it saves), with the signatures of
-    segnext_kernels.nmf.triton. A CUDA or CPU backend adds a branch here."""
+    segnext_kernels.nmf2d.triton. A CUDA or CPU backend adds a branch here."""
     if backend == "triton":
-        return importlib.import_module("segnext_kernels.nmf.triton")
+        return importlib.import_module("segnext_kernels.nmf2d.triton")
     raise ValueError(f"nmf2d has no fused kernel for backend {backend!r}")
 
 
@@ -319,55 +344,35 @@ def nmf2d_fused(X: Tensor, bases: Tensor, steps: int, eps: float, inv_t: float, 
 
 
 # --------------------------------------------------------------------------------------------
-# nmf2d, cpu backend: inference only (csrc/cpu/nmf_cpu.cpp). It takes the (B, C, H, W) map
+# nmf2d, cpu backend: inference only (csrc/cpu/nmf2d_cpu.cpp). It takes the (B, C, H, W) map
 # itself (channels-last holds Xᵀ, which its GEMMs read in place), S groups of D = C/S channels,
 # and checks that x is non-negative as it reads it; returns float32 (float64 for float64 x).
 # --------------------------------------------------------------------------------------------
-def _nmf2d_cpu_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-if _cxx_kernel("nmf2d_fwd", "CPU"):
-    @torch.library.register_fake("segnext::nmf2d_fwd")
-    def _(x, bases, S, steps, eps, inv_t):
-        return torch.empty_like(x, dtype=_nmf2d_cpu_dtype(x))
-
-
-@torch.library.custom_op("segnext::nmf2d_cpu", mutates_args=())
-def nmf2d_cpu_op(x: Tensor, bases: Tensor, S: int, steps: int, eps: float,
-                 inv_t: float) -> Tensor:
+@torch.library.custom_op("segnext::nmf2d_inference", mutates_args=())
+def nmf2d_inference_op(x: Tensor, bases: Tensor, S: int, steps: int, eps: float,
+                       inv_t: float) -> Tensor:
     _one_device("nmf2d", [("x", x), ("bases", bases)])
     _extension.require()
     ran("nmf2d", "cpu")
-    return torch.ops.segnext.nmf2d_fwd(x, bases, S, steps, eps, inv_t)
+    return torch.ops.segnext_C.nmf2d_forward(x, bases, S, steps, eps, inv_t)
 
 
-@nmf2d_cpu_op.register_fake
+@nmf2d_inference_op.register_fake
 def _(x, bases, S, steps, eps, inv_t):
     _one_device("nmf2d", [("x", x), ("bases", bases)])
-    return torch.empty_like(x, dtype=_nmf2d_cpu_dtype(x))
+    return torch.empty_like(x, dtype=_nmf2d_forward_dtype(x))
 
 
-def nmf2d_cpu(x: Tensor, bases: Tensor, S: int, steps: int, eps: float, inv_t: float) -> Tensor:
+def nmf2d_inference(x: Tensor, bases: Tensor, S: int, steps: int, eps: float,
+                    inv_t: float) -> Tensor:
     """Reconstruction (B, C, H, W) of x (B, C, H, W) >= 0 from bases (B*S, C/S, R)."""
-    return nmf2d_cpu_op(x, bases.contiguous(), S, steps, eps, inv_t)
+    return nmf2d_inference_op(x, bases.contiguous(), S, steps, eps, inv_t)
 
 
 # --------------------------------------------------------------------------------------------
 # conv1x1: a 1x1 conv with its epilogue (activation, scaled residual), inference only
 # (csrc/cpu/conv1x1_cpu.cpp); the functional runs the reference when autograd needs a graph.
 # --------------------------------------------------------------------------------------------
-def _conv1x1_out(x: Tensor, weight: Tensor) -> Tensor:
-    B, _, H, W = x.shape
-    return x.new_empty((B, weight.shape[0], H, W)).contiguous(memory_format=memory_format_of(x))
-
-
-if _cxx_kernel("conv1x1_fwd", "CPU"):
-    @torch.library.register_fake("segnext::conv1x1_fwd")
-    def _(x, weight, bias, act, residual, scale):
-        return _conv1x1_out(x, weight)
-
-
 @torch.library.custom_op("segnext::conv1x1", mutates_args=())
 def conv1x1_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
                residual: Optional[Tensor], scale: Optional[Tensor], backend: str) -> Tensor:
@@ -378,7 +383,7 @@ def conv1x1_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str,
         raise ValueError(f"conv1x1 has no fused kernel for backend {backend!r}")
     _extension.require()
     ran("conv1x1", backend)
-    return torch.ops.segnext.conv1x1_fwd(x, weight, bias, act, residual, scale)
+    return torch.ops.segnext_C.conv1x1_forward(x, weight, bias, act, residual, scale)
 
 
 @conv1x1_op.register_fake

@@ -26,8 +26,8 @@ from torch import nn
 from .mlp.module import FusedMlp, depthwise_conv
 from .msca.module import MSCA
 from .msca.reference import DW_CONVS
-from .nmf.module import NMF2D
-from .nmf.reference import GRAD_MODES
+from .nmf2d.module import NMF2D
+from .nmf2d.reference import GRAD_MODES
 
 
 class Replacement(NamedTuple):

@@ -173,7 +173,7 @@ def _strip_conv_case(backend, inp: _Inputs, case) -> Compared | str:
     C = shape[1]
     x = inp.cast(inp.randn(shape), grad=False, image=True)
     w, b = inp.cast(inp.randn((C, 1, kh, kw), 0.3), grad=False), inp.cast(inp.randn((C,)), grad=False)
-    out = torch.ops.segnext.strip_conv(x, w, b)
+    out = torch.ops.segnext_C.strip_conv_forward(x, w, b)
     bad = _layout_problem(out, x, inp.layout)
     if bad:
         return bad
@@ -186,7 +186,7 @@ NMF_CASES = ((2, 5, 7, 3, 2), (1, 17, 3, 4, 1), (1, 9, 1, 2, 3))
 
 
 def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
-    from .nmf.reference import nmf_decompose_ref
+    from .nmf2d.reference import nmf_decompose_ref
     from .ops import nmf2d_fused
 
     b, D, N, R, steps = case
@@ -216,8 +216,8 @@ def _nmf2d_case(backend, inp: _Inputs, case) -> Compared | str:
 def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
     """An inference-only NMF kernel (cpu): the forward on the (b, D, H, W) map, in the layout,
     with S = 1 and, for D even, S = 2 groups."""
-    from .nmf.reference import nmf_decompose_ref
-    from .ops import nmf2d_cpu
+    from .nmf2d.reference import nmf_decompose_ref
+    from .ops import nmf2d_inference
 
     b, D, N, R, steps = case
     H, W = (N, 1) if N % 2 else (N // 2, 2)
@@ -227,7 +227,7 @@ def _nmf2d_inference_case(backend, inp: _Inputs, case) -> Compared | str:
         B0 = inp.rand((b * S, D // S, R), 0.05, 1.0)
         B0 = inp.cast(B0 / B0.norm(dim=1, keepdim=True), grad=False)
         with torch.no_grad():
-            Y = nmf2d_cpu(x, B0, S, steps, 1e-6, 1.0)
+            Y = nmf2d_inference(x, B0, S, steps, 1e-6, 1.0)
         bad = _layout_problem(Y, x, inp.layout)
         if bad:
             return bad

@@ -163,7 +163,7 @@ def msca_launches() -> list:
 
 
 def nmf_launches() -> list:
-    from segnext_kernels.nmf import triton as T
+    from segnext_kernels.nmf2d import triton as T
 
     def run():
         for b, D, N, R, steps, n_chunks in NMF_SHAPES:

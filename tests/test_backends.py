@@ -43,7 +43,7 @@ def test_broken_extension_warns_once_with_fix(tmp_path):
     code = ("import sys, warnings; warnings.simplefilter('always');"
             "sys.modules['segnext_kernels._C'] = None;"  # import of _C raises ImportError
             "import segnext_kernels, segnext_kernels.msca, importlib;"
-            "importlib.import_module('segnext_kernels.nmf')")
+            "importlib.import_module('segnext_kernels.nmf2d')")
     r = _run(code)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("segnext_kernels._C is not loaded") == 1

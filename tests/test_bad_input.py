@@ -27,9 +27,9 @@ from segnext.data import ADE20K, DataError, SyntheticShapes
 from segnext.images import read_image
 from segnext.inference import predict_labels
 from segnext.metrics import ConfusionMatrix
-from segnext_kernels import _extension
+from segnext_kernels import _extension, _strip_conv
 from segnext_kernels._validate import check_one_device
-from segnext_kernels.nmf.functional import EPS_MIN, INV_T_MAX
+from segnext_kernels.nmf2d.functional import EPS_MIN, INV_T_MAX
 
 Image = pytest.importorskip("PIL.Image", reason="image files are read with Pillow")
 
@@ -227,19 +227,24 @@ def _on_meta(tensors, index):
     return [t.to("meta") if i == index else t for i, t in enumerate(tensors)]
 
 
+def _packed(args, lead):
+    """The ops that take their weights as one list (Tensor[]): after the first ``lead`` tensors."""
+    return args if lead is None else [*args[:lead], list(args[lead:])]
+
+
 def _cxx_cases():
     u, w = _msca_args()
     x, mw = _mlp_args()
     dw, db = torch.rand(4, 1, 3, 3), torch.rand(4)
     strip = torch.rand(4, 1, 1, 7)
     return {
-        "msca_fwd": ("msca_fwd", [u, *w], 4, "b0_1"),
-        "msca_bwd": ("msca_bwd", [u, u, *w], 0, "grad"),
-        "strip_conv-weight": ("strip_conv", [u, strip, db], 1, "weight"),
-        "strip_conv-bias": ("strip_conv", [u, strip, db], 2, "bias"),
-        "dwconv3x3_gelu_fwd": ("dwconv3x3_gelu_fwd", [u, dw, db], 1, "weight"),
-        "dwconv3x3_gelu_bwd": ("dwconv3x3_gelu_bwd", [u, u, dw, db], 3, "bias"),
-        "mlp_fwd": ("mlp_fwd", [x, *mw], 5, "w2"),
+        "msca_forward": ("msca_forward", [u, *w], 4, "b0_1", 1),
+        "msca_backward": ("msca_backward", [u, u, *w], 0, "grad", 2),
+        "strip_conv-weight": ("strip_conv_forward", [u, strip, db], 1, "weight", None),
+        "strip_conv-bias": ("strip_conv_forward", [u, strip, db], 2, "bias", None),
+        "dwconv_gelu_forward": ("dwconv_gelu_forward", [u, dw, db], 1, "weight", None),
+        "dwconv_gelu_backward": ("dwconv_gelu_backward", [u, u, dw, db], 3, "bias", None),
+        "mlp_forward": ("mlp_forward", [x, *mw], 5, "w2", 1),
     }
 
 
@@ -249,32 +254,35 @@ CXX_CASES = _cxx_cases()
 @pytest.mark.skipif(not _extension.available(), reason="segnext_kernels._C is not built")
 @pytest.mark.parametrize("case", list(CXX_CASES))
 def test_cxx_cpu_kernels_refuse_a_tensor_on_another_device(case):
-    op, args, index, name = CXX_CASES[case]
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext::{op}", "CPU"):
+    op, args, index, name, lead = CXX_CASES[case]
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"segnext_C::{op}", "CPU"):
         pytest.skip(f"this _C has no CPU kernel for {op}")
     # Straight to the CPU kernel: with a meta argument the dispatcher would pick the Meta key.
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match=f"{op}: {name} (is on meta|must be a CPU tensor)"):
-        getattr(torch.ops.segnext, op).default.redispatch(cpu, *_on_meta(args, index))
+        getattr(torch.ops.segnext_C, op).default.redispatch(cpu, *_packed(_on_meta(args, index),
+                                                                          lead))
 
 
 @pytest.mark.skipif(not _extension.available(), reason="segnext_kernels._C is not built")
-@pytest.mark.parametrize("case", ["msca_fwd", "strip_conv-weight", "dwconv3x3_gelu_fwd",
-                                  "mlp_fwd", "custom:msca", "custom:dwconv_gelu", "custom:mlp"])
+@pytest.mark.parametrize("case", ["msca_forward", "strip_conv-weight", "dwconv_gelu_forward",
+                                  "mlp_forward", "custom:msca", "custom:dwconv_gelu", "custom:mlp"])
 def test_registered_ops_refuse_one_argument_on_meta(case):
     if case.startswith("custom:"):
         u, w = _msca_args()
         x, mw = _mlp_args()
-        op, args, index = {"msca": ("msca", [u, *w], 4),
-                           "dwconv_gelu": ("dwconv_gelu", [u, torch.rand(4, 1, 3, 3),
-                                                           torch.rand(4)], 1),
-                           "mlp": ("mlp", [x, *mw], 5)}[case.split(":")[1]]
-        args = [*_on_meta(args, index), "cpu"]
+        op, args, index, lead = {"msca": ("msca", [u, *w], 4, 1),
+                                 "dwconv_gelu": ("dwconv_gelu", [u, torch.rand(4, 1, 3, 3),
+                                                                 torch.rand(4)], 1, None),
+                                 "mlp": ("mlp", [x, *mw], 5, 1)}[case.split(":")[1]]
+        args = [*_packed(_on_meta(args, index), lead), "cpu"]
+        ops = torch.ops.segnext
     else:
-        op, args, index, _ = CXX_CASES[case]
-        args = _on_meta(args, index)
+        op, args, index, _, lead = CXX_CASES[case]
+        args = _packed(_on_meta(args, index), lead)
+        ops = torch.ops.segnext_C
     with pytest.raises((ValueError, RuntimeError), match="meta"):
-        getattr(torch.ops.segnext, op)(*args)
+        getattr(ops, op)(*args)
 
 
 def test_check_one_device_names_the_tensor_elsewhere():
@@ -298,8 +306,9 @@ def test_functions_and_references_refuse_a_weight_on_meta(name):
             "strip_conv_ref": [u, torch.rand(4, 1, 7, 1), torch.rand(4, device="meta")],
             "nmf_decompose_ref": [torch.rand(1, 4, 9), torch.rand(1, 4, 2, device="meta"), 1],
             }[name]
+    fn = getattr(_strip_conv, name) if name.startswith("strip_conv") else getattr(sk, name)
     with pytest.raises(ValueError, match="is on meta but"):
-        getattr(sk, name)(*args)
+        fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,25 +36,25 @@ def test_packed_weights_follow_in_place_writes_and_new_tensors():
     ws = mlp_weights(C, hidden)
     x = torch.randn(1, C, 7, 9).contiguous(memory_format=torch.channels_last)
     ref = lambda: mlp_ref(x.double(), *[w.double() for w in ws])  # noqa: E731
-    y0 = torch.ops.segnext.mlp_fwd(x, *ws)
+    y0 = torch.ops.segnext_C.mlp_forward(x, ws)
     assert rel_err(y0, ref()) <= 1e-5
     # In place (the version counter moves): both packed weights are repacked.
     ws[0].mul_(-1.5)
     ws[4][3].add_(0.7)  # through a view
-    y1 = torch.ops.segnext.mlp_fwd(x, *ws)
+    y1 = torch.ops.segnext_C.mlp_forward(x, ws)
     assert rel_err(y1, ref()) <= 1e-5 and not torch.allclose(y0, y1)
     # A freed weight's entry is never matched by a new tensor, even at the same address.
     for _ in range(5):
         ws[0] = torch.randn_like(ws[0])
         ws[4] = torch.randn_like(ws[4]) * 0.1
         gc.collect()
-        assert rel_err(torch.ops.segnext.mlp_fwd(x, *ws), ref()) <= 1e-5
+        assert rel_err(torch.ops.segnext_C.mlp_forward(x, ws), ref()) <= 1e-5
     # Inference tensors (no version counter) are packed on every call.
     with torch.inference_mode():
         wi = [w.clone() for w in ws]
-        yi = torch.ops.segnext.mlp_fwd(x, *wi)
+        yi = torch.ops.segnext_C.mlp_forward(x, wi)
         wi[0].mul_(2.0)
-        yj = torch.ops.segnext.mlp_fwd(x, *wi)
+        yj = torch.ops.segnext_C.mlp_forward(x, wi)
     assert rel_err(yi, ref()) <= 1e-5
     assert rel_err(yj, mlp_ref(x.double(), *[w.double() for w in wi])) <= 1e-5
 
@@ -113,10 +113,10 @@ def test_conv1x1_bad_input_raises_clear_errors():
         sk.conv1x1(x, w, b, residual=r, scale=s[:4])
     with pytest.raises(TypeError, match="weight has dtype"):
         sk.conv1x1(x, w.double(), b)
-    with pytest.raises(ValueError, match="conv1x1_fwd: act must be 'none', 'gelu' or 'relu'"):
-        torch.ops.segnext.conv1x1_fwd(x, w, b, "tanh", None, None)
-    with pytest.raises(ValueError, match=r"conv1x1_fwd: bias must have shape \(6\)"):
-        torch.ops.segnext.conv1x1_fwd(x, w, b[:2], "none", None, None)
+    with pytest.raises(ValueError, match="conv1x1_forward: act must be 'none', 'gelu' or 'relu'"):
+        torch.ops.segnext_C.conv1x1_forward(x, w, b, "tanh", None, None)
+    with pytest.raises(ValueError, match=r"conv1x1_forward: bias must have shape \(6\)"):
+        torch.ops.segnext_C.conv1x1_forward(x, w, b[:2], "none", None, None)
 
 
 def test_conv1x1_with_a_gradient_runs_the_reference():
@@ -137,7 +137,7 @@ def test_conv1x1_poisoned_output_is_overwritten():
             for shape in [(2, 17, 5, 7), (1, 64, 3, 1), (1, 3, 1, 1)]:
                 x = torch.randn(shape).to(dt).contiguous(memory_format=torch.channels_last)
                 w = torch.randn(33, shape[1], 1, 1).to(dt)
-                y = torch.ops.segnext.conv1x1_fwd(x, w, None, "gelu", None, None)
+                y = torch.ops.segnext_C.conv1x1_forward(x, w, None, "gelu", None, None)
                 assert torch.isfinite(y).all(), (dt, shape)
         print("ok")
     """)

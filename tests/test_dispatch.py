@@ -14,6 +14,7 @@ import torch
 
 import segnext_kernels as sk
 from segnext_kernels import _extension, backends, dispatch, ops, selftest
+from segnext_kernels._strip_conv import strip_conv
 from segnext_kernels.dispatch import Problem
 from segnext_kernels.msca.reference import weight_shapes
 
@@ -60,7 +61,7 @@ def _call(op, backend, device="cpu"):
         return sk.conv1x1(x, torch.randn(7, 4, 1, 1, device=device), torch.randn(7, device=device),
                           act="gelu", backend=backend)
     if op == "strip_conv":
-        return sk.strip_conv(torch.randn(1, 3, 5, 9, device=device),
+        return strip_conv(torch.randn(1, 3, 5, 9, device=device),
                              torch.randn(3, 1, 1, 7, device=device), torch.randn(3, device=device),
                              backend=backend)
     raise AssertionError(op)
@@ -420,20 +421,20 @@ def test_registered_ops_refuse_mixed_devices():
     ws_meta = list(ws)
     ws_meta[14] = ws_meta[14].to("meta")
     with pytest.raises(ValueError, match=r"weights\[14\] is on meta but u is on cpu"):
-        torch.ops.segnext.msca(u, *ws_meta, "cpu")
+        torch.ops.segnext.msca(u, ws_meta, "cpu")
     with pytest.raises(ValueError, match=r"weights\[14\] is on meta but u is on cpu"):
-        torch.ops.segnext.msca_fwd(u, *ws_meta)
+        torch.ops.segnext_C.msca_forward(u, ws_meta)
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
         torch.ops.segnext.dwconv_gelu(x, torch.randn(3, 1, 3, 3), torch.randn(3, device="meta"), "cpu")
     with pytest.raises(ValueError, match="is on meta but x is on cpu"):
-        torch.ops.segnext.dwconv3x3_gelu_fwd(x, torch.randn(3, 1, 3, 3, device="meta"), torch.randn(3))
+        torch.ops.segnext_C.dwconv_gelu_forward(x, torch.randn(3, 1, 3, 3, device="meta"), torch.randn(3))
     mx, mws = _mlp_inputs()
     mws[3] = mws[3].to("meta")
     with pytest.raises(ValueError, match=r"weights\[3\] is on meta but x is on cpu"):
-        torch.ops.segnext.mlp(mx, *mws, "cpu")
+        torch.ops.segnext.mlp(mx, mws, "cpu")
     with pytest.raises(ValueError, match=r"weights\[3\] is on meta but x is on cpu"):
-        torch.ops.segnext.mlp_fwd(mx, *mws)
+        torch.ops.segnext_C.mlp_forward(mx, mws)
     with pytest.raises(ValueError, match="bases is on meta but X is on cpu"):
         torch.ops.segnext.nmf2d(torch.rand(1, 4, 5), torch.rand(1, 4, 2, device="meta"), 1, 1e-6,
                                 1.0, "unrolled", False, "triton")

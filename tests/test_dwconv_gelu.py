@@ -115,8 +115,8 @@ def test_extreme_values(fmt):
     b = torch.tensor(vals)
     x = torch.zeros(1, C, 3, 4).contiguous(memory_format=FORMATS[fmt])
     w = torch.zeros(C, 1, 3, 3)
-    y = torch.ops.segnext.dwconv3x3_gelu_fwd(x, w, b)
-    _, _, gb = torch.ops.segnext.dwconv3x3_gelu_bwd(torch.ones_like(x), x, w, b)
+    y = torch.ops.segnext_C.dwconv_gelu_forward(x, w, b)
+    _, _, gb = torch.ops.segnext_C.dwconv_gelu_backward(torch.ones_like(x), x, w, b)
     y, gprime = y[0, :, 1, 2], gb / 12
     for c, z in enumerate(vals):
         if z != z:
@@ -144,7 +144,7 @@ def test_channels_last_weight_strides():
     # strides: the weight gradient must come back with the strides the fake promises.
     x, w, b, g = make_inputs(2, 6, 5, 7, dtype=torch.float32, fmt=torch.channels_last)
     w = w.contiguous(memory_format=torch.channels_last)
-    _, gw, _ = torch.ops.segnext.dwconv3x3_gelu_bwd(g, x, w, b)
+    _, gw, _ = torch.ops.segnext_C.dwconv_gelu_backward(g, x, w, b)
     assert gw.stride() == torch.empty_like(w).stride()
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), "cpu")
     torch.library.opcheck(torch.ops.segnext.dwconv_gelu.default, args)
@@ -172,8 +172,8 @@ def test_deterministic_across_runs_and_threads(fmt, threads):
     runs = {}
     for nt in (1, 2, 2, 3):
         threads(nt)
-        res = [torch.ops.segnext.dwconv3x3_gelu_fwd(x, w, b)] + \
-            list(torch.ops.segnext.dwconv3x3_gelu_bwd(g, x, w, b))
+        res = [torch.ops.segnext_C.dwconv_gelu_forward(x, w, b)] + \
+            list(torch.ops.segnext_C.dwconv_gelu_backward(g, x, w, b))
         if nt in runs:
             assert all(torch.equal(p, q) for p, q in zip(runs[nt], res)), f"threads={nt} rerun"
         runs[nt] = res
@@ -182,7 +182,7 @@ def test_deterministic_across_runs_and_threads(fmt, threads):
 
 
 def test_poisoned_outputs_are_overwritten():
-    # SEGNEXT_POISON=1 (read once per process): outputs and the MLP's scratch start as NaN.
+    # SEGNEXT_POISON=1 (in a fresh interpreter): outputs and the MLP's scratch start as NaN.
     script = textwrap.dedent("""
         import torch, segnext_kernels as sk
         from segnext_kernels.dwconv_gelu import dwconv_gelu_ref
@@ -195,15 +195,15 @@ def test_poisoned_outputs_are_overwritten():
                 x = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
                 g = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
                 w, b = (torch.randn(C, 1, 3, 3) * 0.5).to(dt), (torch.randn(C) * 0.3).to(dt)
-                y = torch.ops.segnext.dwconv3x3_gelu_fwd(x, w, b)
-                grads = torch.ops.segnext.dwconv3x3_gelu_bwd(g, x, w, b)
+                y = torch.ops.segnext_C.dwconv_gelu_forward(x, w, b)
+                grads = torch.ops.segnext_C.dwconv_gelu_backward(g, x, w, b)
                 assert all(torch.isfinite(t).all() for t in [y, *grads]), (shape, dt)
                 ref = dwconv_gelu_ref(x.double(), w.double(), b.double())
                 tol = 1e-2 if dt == torch.bfloat16 else 1e-4
                 assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
                 ws = [(torch.randn(s) * 0.3).to(dt) for s in
                       [(3 * C, C, 1, 1), (3 * C,), (3 * C, 1, 3, 3), (3 * C,), (C, 3 * C, 1, 1), (C,)]]
-                y = torch.ops.segnext.mlp_fwd(x, *ws)
+                y = torch.ops.segnext_C.mlp_forward(x, ws)
                 assert torch.isfinite(y).all(), (shape, dt)
                 ref = mlp_ref(x.double(), *[t.double() for t in ws])
                 assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
@@ -225,10 +225,10 @@ def test_bad_input_raises_clear_error():
         dwconv_gelu(x[0], w, b)
     with pytest.raises(TypeError, match="weight has dtype"):
         dwconv_gelu(x, w.double(), b)
-    with pytest.raises(RuntimeError, match=r"dwconv3x3_gelu_fwd: weight must have shape \(4, 1, 3, 3\)"):
-        torch.ops.segnext.dwconv3x3_gelu_fwd(x, torch.zeros(4, 1, 3, 5), b)
-    with pytest.raises(RuntimeError, match="dwconv3x3_gelu_bwd: grad must match x"):
-        torch.ops.segnext.dwconv3x3_gelu_bwd(x[:, :, :4], x, w, b)
+    with pytest.raises(RuntimeError, match=r"dwconv_gelu_forward: weight must have shape \(4, 1, 3, 3\)"):
+        torch.ops.segnext_C.dwconv_gelu_forward(x, torch.zeros(4, 1, 3, 5), b)
+    with pytest.raises(RuntimeError, match="dwconv_gelu_backward: grad must match x"):
+        torch.ops.segnext_C.dwconv_gelu_backward(x[:, :, :4], x, w, b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_mlp_inference_matches_reference(shape, fmt, nthreads, threads):
                          ids=lambda s: "x".join(map(str, s)))
 def test_mlp_inference_dtypes(dtype, tol, shape):
     x, ws = make_mlp(*shape, dtype=dtype, fmt=torch.channels_last)
-    y = torch.ops.segnext.mlp_fwd(x, *ws)
+    y = torch.ops.segnext_C.mlp_forward(x, ws)
     ref = mlp_ref(x.double(), *[w.double() for w in ws])
     assert y.dtype == dtype and rel_err(y, ref) <= tol
 
@@ -302,8 +302,8 @@ def test_mlp_bad_input():
         mlp(x, torch.zeros(8, 3, 1, 1), *ws[1:])
     with pytest.raises(ValueError, match="wd must have shape"):
         mlp(x, *ws[:2], torch.zeros(8, 1, 5, 5), *ws[3:])
-    with pytest.raises(RuntimeError, match=r"mlp_fwd: w2 must have shape \(4, 8, 1, 1\)"):
-        torch.ops.segnext.mlp_fwd(x, *ws[:4], torch.zeros(4, 7, 1, 1), ws[5])
+    with pytest.raises(RuntimeError, match=r"mlp_forward: w2 must have shape \(4, 8, 1, 1\)"):
+        torch.ops.segnext_C.mlp_forward(x, [*ws[:4], torch.zeros(4, 7, 1, 1), ws[5]])
 
 
 def test_model_mlps_with_cpu_backend_match_reference():

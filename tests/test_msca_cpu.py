@@ -43,7 +43,7 @@ def reference(u, ws, g):
 
 
 def fused(u, ws, g):
-    """Output and the 17 gradients through the public op (autograd -> msca_fwd / msca_bwd)."""
+    """Output and the 17 gradients through the public op (autograd -> msca_forward / msca_backward)."""
     ul = u.detach().requires_grad_()
     wl = [w.detach().requires_grad_() for w in ws]
     out = sk.msca(ul, *wl, backend="cpu")
@@ -131,7 +131,7 @@ def test_gradcheck():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_opcheck(fmt):
     u, ws, _ = make_inputs(2, 3, 5, 7, dtype=torch.float32, fmt=FORMATS[fmt])
-    args = (u.requires_grad_(), *[w.requires_grad_() for w in ws], "cpu")
+    args = (u.requires_grad_(), [w.requires_grad_() for w in ws], "cpu")
     torch.library.opcheck(torch.ops.segnext.msca.default, args)
 
 
@@ -141,8 +141,8 @@ def test_raw_ops_strides_and_dtype():
     for shape, fmt in [((2, 1, 5, 7), torch.channels_last), ((2, 5, 1, 1), torch.channels_last),
                        ((1, 3, 4, 6), torch.contiguous_format), ((2, 20, 3, 4), torch.channels_last)]:
         u, ws, g = make_inputs(*shape, dtype=torch.float32, fmt=fmt)
-        out = torch.ops.segnext.msca_fwd(u, *ws)
-        grads = torch.ops.segnext.msca_bwd(g, u, *ws)
+        out = torch.ops.segnext_C.msca_forward(u, ws)
+        grads = torch.ops.segnext_C.msca_backward(g, u, ws)
         assert out.stride() == torch.empty_like(u).stride()
         assert grads[0].stride() == torch.empty_like(u).stride()
         assert [t.shape for t in grads[1:]] == [w.shape for w in ws]
@@ -150,24 +150,24 @@ def test_raw_ops_strides_and_dtype():
     _, ws, _ = make_inputs(2, 3, 9, 11, dtype=torch.float32)
     view = u[:, ::2, :, 1:]  # strided in C and offset in W
     ref = reference(view, ws, g[:, ::2, :, 1:])
-    out = torch.ops.segnext.msca_fwd(view, *ws)
+    out = torch.ops.segnext_C.msca_forward(view, ws)
     assert out.stride() == torch.empty_like(view).stride()
     assert rel_err(out, ref[0]) <= 1e-4
-    grads = torch.ops.segnext.msca_bwd(g[:, ::2, :, 1:], view, *ws)
+    grads = torch.ops.segnext_C.msca_backward(g[:, ::2, :, 1:], view, ws)
     assert_close([out] + list(grads), ref, 1e-4, "strided view")
 
 
 def test_empty_batch():
     u, ws, g = make_inputs(0, 4, 5, 6, dtype=torch.float32)
-    assert torch.ops.segnext.msca_fwd(u, *ws).shape == u.shape
-    grads = torch.ops.segnext.msca_bwd(g, u, *ws)
+    assert torch.ops.segnext_C.msca_forward(u, ws).shape == u.shape
+    grads = torch.ops.segnext_C.msca_backward(g, u, ws)
     assert grads[0].shape == u.shape and all((t == 0).all() for t in grads[1:])
 
 
 def test_poisoned_outputs_are_overwritten():
-    # SEGNEXT_POISON=1 makes the C++ ops fill their outputs with NaN before computing (the
-    # variable is read once per process, so this runs in a fresh interpreter): every element
-    # of every output must be written.
+    # SEGNEXT_POISON=1 makes the C++ ops fill their outputs with NaN before computing (here set
+    # in the environment of a fresh interpreter, the way users set it): every element of every
+    # output must be written.
     script = textwrap.dedent("""
         import torch, segnext_kernels as sk
         from segnext_kernels.msca.reference import msca_ref, weight_shapes
@@ -178,8 +178,8 @@ def test_poisoned_outputs_are_overwritten():
                 u = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
                 g = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
                 ws = [(torch.randn(s) * 0.3).to(dt) for s in weight_shapes(shape[1])]
-                out = torch.ops.segnext.msca_fwd(u, *ws)
-                grads = torch.ops.segnext.msca_bwd(g, u, *ws)
+                out = torch.ops.segnext_C.msca_forward(u, ws)
+                grads = torch.ops.segnext_C.msca_backward(g, u, ws)
                 assert all(torch.isfinite(t).all() for t in [out, *grads]), (shape, dt)
                 ref = msca_ref(u.double(), *[w.double() for w in ws])
                 err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
@@ -192,6 +192,30 @@ def test_poisoned_outputs_are_overwritten():
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
+def test_poison_flag_is_handed_to_the_library():
+    # SEGNEXT_POISON is read in _env.py and handed to _C when it loads; tests flip it in process.
+    from segnext_kernels import _env, _extension
+    assert _extension._C.poison() == _env.poison()
+    u, ws, g = make_inputs(1, 5, 7, 9, dtype=torch.float32, fmt=torch.channels_last)
+    was = _extension._C.poison()
+    try:
+        _extension.set_poison(True)
+        assert _extension._C.poison()
+        out = torch.ops.segnext_C.msca_forward(u, ws)
+        grads = torch.ops.segnext_C.msca_backward(g, u, ws)
+        assert all(torch.isfinite(t).all() for t in [out, *grads])
+    finally:
+        _extension.set_poison(was)
+    assert _extension._C.poison() == was
+
+
+def test_cxx_weight_contract_matches_python():
+    # csrc/msca_weights.h and segnext_kernels/msca/reference.py state the same 16 tensors.
+    from segnext_kernels import _extension
+    for C in (1, 6):
+        assert _extension._C.msca_weights(C) == list(zip(MSCAWeights._fields, weight_shapes(C)))
+
+
 @pytest.mark.parametrize("shape", [(2, 20, 37, 30), (1, 64, 70, 9)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_deterministic_across_runs_and_threads(shape, threads):
@@ -201,7 +225,7 @@ def test_deterministic_across_runs_and_threads(shape, threads):
     runs = {}
     for nt in (1, 2, 2, 3):
         threads(nt)
-        res = [torch.ops.segnext.msca_fwd(u, *ws)] + list(torch.ops.segnext.msca_bwd(g, u, *ws))
+        res = [torch.ops.segnext_C.msca_forward(u, ws)] + list(torch.ops.segnext_C.msca_backward(g, u, ws))
         if nt in runs:
             assert all(torch.equal(a, b) for a, b in zip(runs[nt], res)), f"threads={nt} rerun"
         runs[nt] = res
@@ -233,13 +257,13 @@ def test_bad_input_raises_clear_error():
     bad[2] = torch.zeros(4, 1, 1, 5)  # w0_1 must be (4, 1, 1, 7)
     with pytest.raises(ValueError, match="w0_1"):
         sk.msca(u, *bad, backend="cpu")
-    with pytest.raises(RuntimeError, match=r"msca_fwd: w0_1 must have shape \[4, 1, 1, 7\]"):
-        torch.ops.segnext.msca_fwd(u, *bad)
-    with pytest.raises(RuntimeError, match="msca_bwd: w0_1 must have shape"):
-        torch.ops.segnext.msca_bwd(u, u, *bad)
-    with pytest.raises(RuntimeError, match="msca_fwd: u must be a 4-D tensor"):
-        torch.ops.segnext.msca_fwd(u[0], *ws)
+    with pytest.raises(RuntimeError, match=r"msca_forward: w0_1 must have shape \[4, 1, 1, 7\]"):
+        torch.ops.segnext_C.msca_forward(u, bad)
+    with pytest.raises(RuntimeError, match="msca_backward: w0_1 must have shape"):
+        torch.ops.segnext_C.msca_backward(u, u, bad)
+    with pytest.raises(RuntimeError, match="msca_forward: u must be a 4-D tensor"):
+        torch.ops.segnext_C.msca_forward(u[0], ws)
     with pytest.raises(RuntimeError, match="b3 has dtype"):
-        torch.ops.segnext.msca_fwd(u, *ws[:-1], ws[-1].double())
-    with pytest.raises(RuntimeError, match="msca_bwd: grad must have u's shape"):
-        torch.ops.segnext.msca_bwd(u[:, :, :4], u, *ws)
+        torch.ops.segnext_C.msca_forward(u, [*ws[:-1], ws[-1].double()])
+    with pytest.raises(RuntimeError, match="msca_backward: grad must have u's shape"):
+        torch.ops.segnext_C.msca_backward(u[:, :, :4], u, ws)

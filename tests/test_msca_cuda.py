@@ -90,7 +90,7 @@ SWEEP_C = (1, 5, 16, 40, 64)
 
 def cuda_kernel_registered() -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("segnext::msca_fwd", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key("segnext_C::msca_forward", "CUDA")
     except RuntimeError:
         return False
 
@@ -228,9 +228,9 @@ def test_cuda_outputs_fully_written(shape, dtype):
     for fmt in FORMATS:
         u, ws, grad = make_inputs(*shape, dtype, fmt, seed=3)
         _poison_cuda_allocator()
-        out = torch.ops.segnext.msca_fwd(u, *ws)
+        out = torch.ops.segnext_C.msca_forward(u, ws)
         _poison_cuda_allocator()
-        grads = torch.ops.segnext.msca_bwd(grad, u, *ws)
+        grads = torch.ops.segnext_C.msca_backward(grad, u, ws)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "forward left elements unwritten"
         for name, t in zip(NAMES, grads):
@@ -242,13 +242,13 @@ def test_cuda_outputs_fully_written(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=("f32", "f16", "bf16"))
 def test_cuda_backward_is_deterministic(dtype):
     u, ws, grad = make_inputs(4, 64, 96, 80, dtype, torch.channels_last, seed=11)
-    first = torch.ops.segnext.msca_bwd(grad, u, *ws)
+    first = torch.ops.segnext_C.msca_backward(grad, u, ws)
     for _ in range(3):
-        again = torch.ops.segnext.msca_bwd(grad, u, *ws)
+        again = torch.ops.segnext_C.msca_backward(grad, u, ws)
         for name, a, b in zip(NAMES, first, again):
             assert torch.equal(a, b), f"grad {name} differs between identical calls"
-    out1 = torch.ops.segnext.msca_fwd(u, *ws)
-    assert torch.equal(out1, torch.ops.segnext.msca_fwd(u, *ws))
+    out1 = torch.ops.segnext_C.msca_forward(u, ws)
+    assert torch.equal(out1, torch.ops.segnext_C.msca_forward(u, ws))
 
 
 @pytest.mark.gpu
@@ -256,13 +256,13 @@ def test_cuda_backward_is_deterministic(dtype):
 def test_cuda_op_rejects_bad_input():
     u, ws, grad = make_inputs(1, 8, 9, 9, torch.float32, torch.channels_last)
     with pytest.raises(RuntimeError, match="w0_1"):
-        torch.ops.segnext.msca_fwd(u, ws[0], ws[1], ws[4], *ws[3:])  # w0_2 in w0_1's place
+        torch.ops.segnext_C.msca_forward(u, [ws[0], ws[1], ws[4], *ws[3:]])  # w0_2 in w0_1's place
     with pytest.raises((RuntimeError, TypeError), match="b3"):
-        torch.ops.segnext.msca_fwd(u, *ws[:15], ws[15].half())
+        torch.ops.segnext_C.msca_forward(u, [*ws[:15], ws[15].half()])
     with pytest.raises(RuntimeError, match="grad"):
-        torch.ops.segnext.msca_bwd(grad[:, :, :5], u, *ws)
+        torch.ops.segnext_C.msca_backward(grad[:, :, :5], u, ws)
     with pytest.raises((RuntimeError, TypeError), match="float32, float16 or bfloat16"):
-        torch.ops.segnext.msca_fwd(u.double(), *[w.double() for w in ws])
+        torch.ops.segnext_C.msca_forward(u.double(), [w.double() for w in ws])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,8 +274,8 @@ def sanitize_case() -> None:
         for fmt in FORMATS:
             for B, C, H, W in [(1, 5, 7, 33), (2, 16, 20, 3), (1, 8, 66, 9)]:
                 u, ws, grad = make_inputs(B, C, H, W, dtype, fmt)
-                out = torch.ops.segnext.msca_fwd(u, *ws)
-                grads = torch.ops.segnext.msca_bwd(grad, u, *ws)
+                out = torch.ops.segnext_C.msca_forward(u, ws)
+                grads = torch.ops.segnext_C.msca_backward(grad, u, ws)
                 torch.cuda.synchronize()
                 assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     print("sanitize case done")

@@ -4,7 +4,7 @@ On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conf
 one program instance costs tens of ms per image row, so the shapes stay small: a pairwise cover
 of H, W in {1, 3, 7, 20, 33}, C in {1, 5, 16, 40}, both memory formats and float32/float16,
 plus one case with small tiles that crosses tile seams in rows, columns and channel blocks.
-Every kernel test runs with ``POISON`` on: outputs and temporaries start as NaN, so an element a
+Every kernel test runs with ``SEGNEXT_POISON=1``: outputs and temporaries start as NaN, so an element a
 kernel forgets to write shows up as NaN. bfloat16 and the default (large) GPU tiles are tested
 only on a GPU (``@pytest.mark.gpu``): the interpreter has no bfloat16 arithmetic.
 """
@@ -26,7 +26,7 @@ GRAD_NAMES = ("u",) + MSCAWeights._fields
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every kernel output and temporary starts as NaN; tile overrides are per test."""
-    monkeypatch.setattr(mt, "POISON", True)
+    monkeypatch.setenv("SEGNEXT_POISON", "1")
     monkeypatch.setattr(mt, "TILES", {})
 
 
@@ -184,7 +184,7 @@ def test_public_module():
 def test_opcheck():
     """All opcheck sub-tests run (schema, autograd registration, fake tensor, aot dispatch)."""
     u, ws, _ = make_inputs(1, 2, 3, 4)
-    args = (u.requires_grad_(), *[w.requires_grad_() for w in ws], "triton")
+    args = (u.requires_grad_(), [w.requires_grad_() for w in ws], "triton")
     result = torch.library.opcheck(torch.ops.segnext.msca.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 

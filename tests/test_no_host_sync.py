@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import segnext_kernels as sk
 from segnext_kernels import _env
+from segnext_kernels._strip_conv import strip_conv
 from segnext_kernels.msca.reference import weight_shapes
 
 aten = torch.ops.aten
@@ -171,7 +172,7 @@ def _nmf_drawn_case(dev, dtype):
 def _strip_conv_case(dev, dtype):
     leaves = [torch.randn(1, 8, 9, 7, device=dev, dtype=dtype), torch.randn(8, 1, 1, 7, device=dev, dtype=dtype),
               torch.randn(8, device=dev, dtype=dtype)]
-    return leaves, lambda b: sk.strip_conv(*leaves, backend=b)
+    return leaves, lambda b: strip_conv(*leaves, backend=b)
 
 
 CASES = {"msca": _msca_case, "dwconv_gelu": _dwconv_gelu_case, "mlp": _mlp_case, "nmf2d": _nmf_case,
@@ -268,7 +269,7 @@ VALUE_READ = re.compile(r"\.item\(|\.tolist\(|\.numpy\(|\.cpu\(|nonzero|torch\.e
 # (file, text of the line) that may read values: each with why
 ALLOWED = {
     # behind SEGNEXT_CHECK_INPUTS=1 (off by default), skipped under compile/graph capture
-    ("segnext_kernels/nmf/functional.py", 'if not bool(((t >= 0) & torch.isfinite(t)).all()):  # NaN fails both'),
+    ("segnext_kernels/nmf2d/functional.py", 'if not bool(((t >= 0) & torch.isfinite(t)).all()):  # NaN fails both'),
 }
 
 

@@ -123,7 +123,7 @@ EOF
       echo "if \"$PY\" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(\"segnext_kernels.selftest\") else 1)'; then \"$PY\" -m segnext_kernels.selftest --device cuda --json \"$OUT/selftest.json\"; else echo 'segnext_kernels.selftest: absent'; exit $ABSENT; fi"
       ;;
     gpu-tests)
-      echo "\"$PY\" -m pytest -m gpu -v -rfEs -p no:cacheprovider --maxfail=10 --junitxml=\"$OUT/gpu_tests.xml\" -k 'not compute_sanitizer' tests/test_msca_cuda.py tests/test_msca_triton.py tests/test_nmf_triton.py tests/test_train.py"
+      echo "\"$PY\" -m pytest -m gpu -v -rfEs -p no:cacheprovider --maxfail=10 --junitxml=\"$OUT/gpu_tests.xml\" -k 'not compute_sanitizer' tests/test_msca_cuda.py tests/test_msca_triton.py tests/test_nmf2d_triton.py tests/test_train.py"
       ;;
     sanitize-memcheck|sanitize-racecheck)
       local tool="${1#sanitize-}"
@@ -184,7 +184,7 @@ if [ "$DRY" = 1 ]; then
   echo "== checks"
   "$PY" -c "import segnext_kernels, bench" && echo "   imports: ok" || { echo "   imports: FAILED"; status=1; }
   "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests/test_msca_cuda.py tests/test_msca_triton.py \
-    tests/test_nmf_triton.py tests/test_train.py > "$OUT/dry_run_collect.log" 2>&1 \
+    tests/test_nmf2d_triton.py tests/test_train.py > "$OUT/dry_run_collect.log" 2>&1 \
     && echo "   gpu tests collect: $(tail -n1 "$OUT/dry_run_collect.log")" || { echo "   gpu tests collect: FAILED"; status=1; }
   for spec in "float16@msca,nmf,model,memory@$F16@--no-compile" "bfloat16@msca@$BF16@--no-compile" \
               "float16@msca,nmf@$COMPILE@--compile"; do

@@ -58,7 +58,7 @@ for v in "${VERSIONS[@]}"; do
     t=$SECONDS
     echo "== triton $v: compile-only tests (sm_80, sm_90)"
     PYTHONPATH="$ROOT/triton-$v" python -m pytest -q -p no:cacheprovider \
-        tests/test_msca_triton.py tests/test_nmf_triton.py -k kernels_compile_for
+        tests/test_msca_triton.py tests/test_nmf2d_triton.py -k kernels_compile_for
     echo "== triton $v: $((SECONDS - t)) s"
 done
 
@@ -66,5 +66,5 @@ oldest="${VERSIONS[0]}"
 t=$SECONDS
 echo "== triton $oldest: interpreter tests (numpy from '$OLD_NUMPY')"
 PYTHONPATH="$ROOT/triton-$oldest:$ROOT/old-numpy" python -m pytest -q -p no:cacheprovider \
-    tests/test_msca_triton.py tests/test_nmf_triton.py -k "not kernels_compile_for"
+    tests/test_msca_triton.py tests/test_nmf2d_triton.py -k "not kernels_compile_for"
 echo "== triton $oldest interpreter: $((SECONDS - t)) s; triton matrix: $((SECONDS - start)) s"

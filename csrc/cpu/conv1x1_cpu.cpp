@@ -70,16 +70,17 @@ at::MemoryFormat format_of(const at::Tensor& t) {
              : at::MemoryFormat::Contiguous;
 }
 
-at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, c10::string_view act,
-                           const std::optional<at::Tensor>& residual,
-                           const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(x.device().is_cpu(), "conv1x1_fwd: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 4, "conv1x1_fwd: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+at::Tensor conv1x1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, c10::string_view act,
+                               const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& scale) {
+  constexpr const char* op = "conv1x1_forward";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   const int64_t B = x.size(0), K = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == K && weight.size(2) == 1 &&
                         weight.size(3) == 1 && weight.size(0) >= 1,
-                    "conv1x1_fwd: weight must have shape (out, ", K, ", 1, 1), got ",
+                    op, ": weight must have shape (out, ", K, ", 1, 1), got ",
                     weight.sizes());
   const int64_t N = weight.size(0);
   Act a;
@@ -90,34 +91,34 @@ at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   } else if (act == "relu") {
     a = Act::kRelu;
   } else {
-    TORCH_CHECK_VALUE(false, "conv1x1_fwd: act must be 'none', 'gelu' or 'relu', got '", act, "'");
+    TORCH_CHECK_VALUE(false, op, ": act must be 'none', 'gelu' or 'relu', got '", act, "'");
   }
   auto check_same = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "conv1x1_fwd: ", name,
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name,
                      " must have x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK(t.device().is_cpu(), "conv1x1_fwd: ", name, " must be a CPU tensor, got ",
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
                 t.device());
   };
   check_same(weight, "weight");
   if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "conv1x1_fwd: bias must have shape (",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (",
                       N, "), got ", bias->sizes());
     check_same(*bias, "bias");
   }
-  TORCH_CHECK_VALUE(!scale || residual, "conv1x1_fwd: scale is given without a residual");
+  TORCH_CHECK_VALUE(!scale || residual, op, ": scale is given without a residual");
   if (residual) {
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({B, N, H, W}),
-                      "conv1x1_fwd: residual must have shape (", B, ", ", N, ", ", H, ", ", W,
+                      op, ": residual must have shape (", B, ", ", N, ", ", H, ", ", W,
                       "), got ", residual->sizes());
     check_same(*residual, "residual");
     if (scale) {
-      TORCH_CHECK_VALUE(scale->numel() == N, "conv1x1_fwd: scale must have ", N,
+      TORCH_CHECK_VALUE(scale->numel() == N, op, ": scale must have ", N,
                         " elements (one per output channel), got shape ", scale->sizes());
       check_same(*scale, "scale");
     }
   }
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "conv1x1_fwd: x must be a floating-point tensor, got ", x.scalar_type());
+                   op, ": x must be a floating-point tensor, got ", x.scalar_type());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::MemoryFormat fmt = format_of(x);
   at::Tensor out = at::empty({B, N, H, W}, x.options(), fmt);
@@ -129,7 +130,7 @@ at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   at::Tensor rc;
   if (residual) rc = residual->detach().contiguous(at::MemoryFormat::ChannelsLast);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv1x1_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     constexpr int L = Lanes<T>::L;
     std::vector<T> b(round_up(N, L), T(0)), s(round_up(N, L), T(1));
@@ -181,6 +182,6 @@ at::Tensor conv1x1_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) { m.impl("conv1x1_fwd", &conv1x1_fwd_cpu); }
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) { m.impl("conv1x1_forward", &conv1x1_forward_cpu); }
 
 }  // namespace segnext

@@ -306,17 +306,17 @@ at::Tensor in_format_of(const at::Tensor& computed, const at::Tensor& like) {
   return out;
 }
 
-at::Tensor dwconv3x3_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                  const at::Tensor& bias) {
-  check_args("dwconv3x3_gelu_fwd", x, weight, bias);
+at::Tensor dwconv_gelu_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& bias) {
+  constexpr const char* op = "dwconv_gelu_forward";
+  check_args(op, x, weight, bias);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.numel() == 0) return at::empty_like(x);
   const at::MemoryFormat fmt = layout_of(x);
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor y = at::empty_like(xc, fmt);
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dwconv3x3_gelu_fwd",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const PackedFilter<T> f(weight, bias, C);
     if (fmt == at::MemoryFormat::ChannelsLast) {
@@ -328,12 +328,14 @@ at::Tensor dwconv3x3_gelu_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   return in_format_of(y, x);
 }
 
-std::vector<at::Tensor> dwconv3x3_gelu_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                               const at::Tensor& weight, const at::Tensor& bias) {
-  check_args("dwconv3x3_gelu_bwd", x, weight, bias);
+std::vector<at::Tensor> dwconv_gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                 const at::Tensor& weight,
+                                                 const at::Tensor& bias) {
+  constexpr const char* op = "dwconv_gelu_backward";
+  check_args(op, x, weight, bias);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
-              "dwconv3x3_gelu_bwd: grad must match x (", x.sizes(), ", ", x.scalar_type(),
+              op, ": grad must match x (", x.sizes(), ", ", x.scalar_type(),
               "), got ", grad.sizes(), ", ", grad.scalar_type());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (x.numel() == 0) {
@@ -344,8 +346,7 @@ std::vector<at::Tensor> dwconv3x3_gelu_bwd_cpu(const at::Tensor& grad, const at:
   at::Tensor gx = at::empty_like(xc, fmt);
   if (poison_outputs()) gx.fill_(std::numeric_limits<double>::quiet_NaN());
   at::Tensor gw, gb;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dwconv3x3_gelu_bwd",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const PackedFilter<T> f(weight, bias, C);
     std::vector<T> total((kTaps + 1) * f.Cp, T(0));  // [tap or bias][Cp]
@@ -388,9 +389,9 @@ std::vector<at::Tensor> dwconv3x3_gelu_bwd_cpu(const at::Tensor& grad, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) {
-  m.impl("dwconv3x3_gelu_fwd", &dwconv3x3_gelu_fwd_cpu);
-  m.impl("dwconv3x3_gelu_bwd", &dwconv3x3_gelu_bwd_cpu);
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) {
+  m.impl("dwconv_gelu_forward", &dwconv_gelu_forward_cpu);
+  m.impl("dwconv_gelu_backward", &dwconv_gelu_backward_cpu);
 }
 
 }  // namespace segnext

@@ -144,30 +144,33 @@ void mlp_forward_cl(const at::Tensor& x, const P1& w1p, const PackedFilter<T>& f
   });
 }
 
-at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                       const at::Tensor& wd, const at::Tensor& bd, const at::Tensor& w2,
-                       const at::Tensor& b2) {
-  segnext::check_device("mlp_fwd", at::kCPU, {{"x", &x}, {"w1", &w1}, {"b1", &b1}, {"wd", &wd},
-                                               {"bd", &bd}, {"w2", &w2}, {"b2", &b2}});
-  TORCH_CHECK(x.dim() == 4, "mlp_fwd: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+at::Tensor mlp_forward_cpu(const at::Tensor& x, at::TensorList weights) {
+  constexpr const char* op = "mlp_forward";
+  TORCH_CHECK(weights.size() == 6, op, ": expected 6 weights (w1, b1, wd, bd, w2, b2), got ",
+              weights.size());
+  const at::Tensor &w1 = weights[0], &b1 = weights[1], &wd = weights[2], &bd = weights[3],
+                   &w2 = weights[4], &b2 = weights[5];
+  segnext::check_device(op, at::kCPU, {{"x", &x}, {"w1", &w1}, {"b1", &b1}, {"wd", &wd},
+                                       {"bd", &bd}, {"w2", &w2}, {"b2", &b2}});
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
   const int64_t C = x.size(1);
   TORCH_CHECK(w1.dim() == 4 && w1.size(1) == C && w1.size(2) == 1 && w1.size(3) == 1,
-              "mlp_fwd: w1 must have shape (hidden, ", C, ", 1, 1), got ", w1.sizes());
+              op, ": w1 must have shape (hidden, ", C, ", 1, 1), got ", w1.sizes());
   const int64_t Hd = w1.size(0);
-  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == Hd, "mlp_fwd: b1 must have shape (", Hd,
-              "), got ", b1.sizes());
+  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == Hd, op, ": b1 must have shape (", Hd, "), got ",
+              b1.sizes());
   TORCH_CHECK(wd.dim() == 4 && wd.size(0) == Hd && wd.size(1) == 1 && wd.size(2) == 3 &&
                   wd.size(3) == 3,
-              "mlp_fwd: wd must have shape (", Hd, ", 1, 3, 3), got ", wd.sizes());
-  TORCH_CHECK(bd.dim() == 1 && bd.size(0) == Hd, "mlp_fwd: bd must have shape (", Hd,
-              "), got ", bd.sizes());
+              op, ": wd must have shape (", Hd, ", 1, 3, 3), got ", wd.sizes());
+  TORCH_CHECK(bd.dim() == 1 && bd.size(0) == Hd, op, ": bd must have shape (", Hd, "), got ",
+              bd.sizes());
   TORCH_CHECK(w2.dim() == 4 && w2.size(0) == C && w2.size(1) == Hd && w2.size(2) == 1 &&
                   w2.size(3) == 1,
-              "mlp_fwd: w2 must have shape (", C, ", ", Hd, ", 1, 1), got ", w2.sizes());
-  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == C, "mlp_fwd: b2 must have shape (", C,
-              "), got ", b2.sizes());
+              op, ": w2 must have shape (", C, ", ", Hd, ", 1, 1), got ", w2.sizes());
+  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == C, op, ": b2 must have shape (", C, "), got ",
+              b2.sizes());
   for (const at::Tensor* t : {&w1, &b1, &wd, &bd, &w2, &b2}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "mlp_fwd: weights must have x's dtype ",
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": weights must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
   }
   if (x.numel() == 0) return at::empty_like(x);
@@ -177,7 +180,7 @@ at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   const at::Tensor xc = x.detach().contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = at::empty_like(xc, at::MemoryFormat::ChannelsLast);
   if (poison_outputs()) y.fill_(std::numeric_limits<double>::quiet_NaN());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mlp_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     PackedFilter<T> f(wd.detach(), bd.detach(), Hd);
     f.fold_input_bias(b1.detach(), Hd);
@@ -205,6 +208,6 @@ at::Tensor mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) { m.impl("mlp_fwd", &mlp_fwd_cpu); }
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) { m.impl("mlp_forward", &mlp_forward_cpu); }
 
 }  // namespace segnext

@@ -34,7 +34,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "device_check.h"
+#include "msca_check.h"
 #include "poison.h"
 #include "scratch.h"
 #include "simd.h"
@@ -51,10 +51,12 @@
 namespace segnext {
 namespace {
 
-constexpr int kBranches = 3;
-constexpr int kStripK[kBranches] = {7, 11, 21};
+constexpr int kBranches = msca::kNumBranches;
+constexpr int kStripK[kBranches] = {msca::strip_size(0), msca::strip_size(1), msca::strip_size(2)};
 constexpr int kStripOffset[kBranches] = {0, 7, 18};  // tap offsets of the branches in 39 taps
 constexpr int kStripTaps = 39;
+static_assert(kStripOffset[2] + kStripK[2] == kStripTaps && kStripOffset[1] == kStripK[0] &&
+              kStripOffset[2] == kStripK[0] + kStripK[1]);
 constexpr int kHalo = 10;  // the largest strip's half width
 constexpr int kPad0 = 2;   // dw5x5's half width
 constexpr int kVRows = 4;  // output rows per call of the vertical strips
@@ -138,7 +140,7 @@ struct PackedWeights {
   }
 };
 
-// w: the 16 weights (already converted to T, contiguous).
+// w: the 16 weights of msca_weights.h (already converted to T, contiguous).
 template <typename T>
 PackedWeights<T> pack_weights(const std::vector<at::Tensor>& w, int64_t C, bool backward) {
   constexpr int L = Lanes<T>::L;
@@ -164,31 +166,32 @@ PackedWeights<T> pack_weights(const std::vector<at::Tensor>& w, int64_t C, bool 
   if (backward) pw.w3 = cv.take<T>(Cp * Cp);
 
   auto tap = [&](int64_t c, int64_t t) { return (c / L * kStripTaps + t) * L + c % L; };
-  const T* w0 = w[0].data_ptr<T>();
+  const T* w0 = w[msca::kW0].data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) {
     for (int t = 0; t < 25; ++t) {
       pw.w0[(c / L * 25 + t) * L + c % L] = w0[c * 25 + t];
       pw.w0_flip[(c / L * 25 + t) * L + c % L] = w0[c * 25 + 24 - t];  // both axes flipped
     }
-    pw.b0[c] = w[1].data_ptr<T>()[c];
+    pw.b0[c] = w[msca::kB0].data_ptr<T>()[c];
     for (int br = 0; br < kBranches; ++br) {
       const int K = kStripK[br], off = kStripOffset[br];
-      const T* wk1 = w[2 + 4 * br].data_ptr<T>() + c * K;  // (C,1,1,K)
-      const T* wk2 = w[4 + 4 * br].data_ptr<T>() + c * K;  // (C,1,K,1)
+      const int hc = msca::strip_conv(br, false), vc = msca::strip_conv(br, true);
+      const T* wk1 = w[msca::weight_index(hc)].data_ptr<T>() + c * K;  // (C,1,1,K)
+      const T* wk2 = w[msca::weight_index(vc)].data_ptr<T>() + c * K;  // (C,1,K,1)
       for (int j = 0; j < K; ++j) {
         pw.wh[tap(c, off + j)] = wk1[j];
         pw.wh_flip[tap(c, off + j)] = wk1[K - 1 - j];
         pw.wv[tap(c, off + j)] = wk2[j];
         pw.wv_flip[tap(c, off + j)] = wk2[K - 1 - j];
       }
-      pw.bh[br * Cp + c] = w[3 + 4 * br].data_ptr<T>()[c];
-      pw.bv[br * Cp + c] = w[5 + 4 * br].data_ptr<T>()[c];
+      pw.bh[br * Cp + c] = w[msca::bias_index(hc)].data_ptr<T>()[c];
+      pw.bv[br * Cp + c] = w[msca::bias_index(vc)].data_ptr<T>()[c];
     }
-    pw.b3[c] = w[15].data_ptr<T>()[c];
+    pw.b3[c] = w[msca::kB3].data_ptr<T>()[c];
   }
   // W3 (C,C,1,1) = [n][k], both ways round, in tiles: a plain transposing loop would miss
   // cache on every write once C is a few hundred.
-  const T* w3 = w[14].data_ptr<T>();
+  const T* w3 = w[msca::kW3].data_ptr<T>();
   constexpr int64_t TB = 16;
   for (int64_t n0 = 0; n0 < C; n0 += TB) {
     for (int64_t k0 = 0; k0 < C; k0 += TB) {
@@ -745,6 +748,23 @@ void strips_and_sum_rows(int64_t h, int n, const RowRing<T>& a_ring, int64_t cb,
                               z[i], pw, cb, W);
 }
 
+// A task's buffers, carved from the thread's scratch by carve(Carver&) (run twice: to size,
+// then to place them), followed by a zero row of W + 2 * kHalo columns (the rows outside the
+// image). Returns the zero row's column 0.
+template <typename T, typename Carve>
+const T* carve_task_scratch(int64_t W, const Carve& carve) {
+  constexpr int L = Lanes<T>::L;
+  Carver sizing(nullptr);
+  carve(sizing);
+  const int64_t zero_len = (W + 2 * kHalo) * L;
+  const int64_t bytes = sizing.used() + round_up(zero_len * sizeof(T), 64);
+  Carver cv(static_cast<char*>(tls_scratch.get(bytes)));
+  carve(cv);
+  T* zero_buf = cv.take<T>(zero_len);
+  std::memset(zero_buf, 0, zero_len * sizeof(T));
+  return zero_buf + kHalo * L;
+}
+
 template <typename T, typename scalar_t>
 void msca_forward_band(const Plan& p, const PackedWeights<T>& pw, const Strided<const scalar_t>& u,
                        const Strided<scalar_t>& out, int64_t b, int64_t h0, int64_t h1) {
@@ -761,15 +781,7 @@ void msca_forward_band(const Plan& p, const PackedWeights<T>& pw, const Strided<
     S.carve(cv, ncb, RB, W);
     Y.carve(cv, ncb, RB, W);
   };
-  Carver sizing(nullptr);
-  carve(sizing);
-  const int64_t zero_len = (W + 2 * kHalo) * L;
-  const int64_t bytes = sizing.used() + round_up(zero_len * sizeof(T), 64);
-  Carver cv(static_cast<char*>(tls_scratch.get(bytes)));
-  carve(cv);
-  T* zero_buf = cv.take<T>(zero_len);
-  std::memset(zero_buf, 0, zero_len * sizeof(T));
-  const T* zero_row = zero_buf + kHalo * L;
+  const T* zero_row = carve_task_scratch<T>(W, carve);
   u_ring.zero_pads();
   z_rows.zero_pads();
 
@@ -879,20 +891,47 @@ struct RowSums {
   }
 };
 
+// One backward task (image b, owned rows [h0, h1)): its buffers and the stages of the stream
+// above, each a method; run() drives them block by block.
 template <typename T, typename scalar_t>
-void msca_backward_band(const Plan& p, const PackedWeights<T>& pw,
-                        const Strided<const scalar_t>& u, const Strided<const scalar_t>& g,
-                        const Strided<scalar_t>& gu, const GradSlots<T>& slots,
-                        const RowSums<T>& sums, int64_t b, int64_t h0, int64_t h1) {
-  constexpr int L = Lanes<T>::L;
-  constexpr int NG = kVRows;  // the post-GEMM stage runs in groups of NG rows
+struct BackwardTask {
+  static constexpr int L = Lanes<T>::L;
+  static constexpr int NG = kVRows;  // the post-GEMM stage runs in groups of NG rows
+  static constexpr int kLagZ[kBranches] = {7, 5, 0};  // gz_k row = h - lag_k  (lag_k + p_k = 10)
   using V = vec_t<T>;
+
+  const Plan& p;
+  const PackedWeights<T>& pw;
+  const Strided<const scalar_t>& u;
+  const Strided<const scalar_t>& g;
+  const Strided<scalar_t>& gu;
+  const GradSlots<T>& slots;
+  const RowSums<T>& sums;
+  const int64_t b, h0, h1;
   const int64_t H = p.H, W = p.W, ncb = p.ncb, RB = p.RB, C = p.C;
-  constexpr int kLagZ[kBranches] = {7, 5, 0};  // gz_k row = h - lag_k  (lag_k + p_k = 10)
 
   RowRing<T> u_ring, a_ring, z_blk[3], gs_ring, gud_ring, gz_ring[3], ga_ring, gu_row;
   RowBlock<T> S, E, G;
-  auto carve = [&](Carver& cv) {
+  const T* zero_row = nullptr;
+  int64_t next_a = 0, next_u = 0;  // the next a and u rows not yet computed / loaded
+
+  BackwardTask(const Plan& p_, const PackedWeights<T>& pw_, const Strided<const scalar_t>& u_,
+               const Strided<const scalar_t>& g_, const Strided<scalar_t>& gu_,
+               const GradSlots<T>& slots_, const RowSums<T>& sums_, int64_t b_, int64_t h0_,
+               int64_t h1_)
+      : p(p_), pw(pw_), u(u_), g(g_), gu(gu_), slots(slots_), sums(sums_), b(b_), h0(h0_),
+        h1(h1_) {
+    zero_row = carve_task_scratch<T>(W, [&](Carver& cv) { carve(cv); });
+    u_ring.zero_pads();
+    for (auto& r : z_blk) r.zero_pads();
+    gs_ring.zero_pads();
+    ga_ring.zero_pads();
+    // Zero this task's slots (first touch by the thread that fills them).
+    for (int64_t h = h0; h < h1; h += p.SR)
+      std::memset(slots.slot(b, h), 0, slots.per_slot * sizeof(T));
+  }
+
+  void carve(Carver& cv) {
     // Capacities: the span of rows alive at once, for g_s rows h over a block of RB rows and
     // the lagged stages over a group of NG rows (see the stream above).
     u_ring.carve(cv, ncb, RB + 2 * (kHalo + 2 * kPad0), W, kPad0);  // u rows h-12 .. h+12
@@ -908,37 +947,119 @@ void msca_backward_band(const Plan& p, const PackedWeights<T>& pw,
     for (int br = 0; br < kBranches; ++br) gz_ring[br].carve(cv, ncb, kStripK[br] + NG - 1, W, 0);
     ga_ring.carve(cv, ncb, 2 * kPad0 + NG, W, kPad0);
     gu_row.carve(cv, 1, 1, W, 0);
-  };
-  Carver sizing(nullptr);
-  carve(sizing);
-  const int64_t zero_len = (W + 2 * kHalo) * L;
-  const int64_t bytes = sizing.used() + round_up(zero_len * sizeof(T), 64);
-  Carver cv(static_cast<char*>(tls_scratch.get(bytes)));
-  carve(cv);
-  T* zero_buf = cv.take<T>(zero_len);
-  std::memset(zero_buf, 0, zero_len * sizeof(T));
-  const T* zero_row = zero_buf + kHalo * L;
-  u_ring.zero_pads();
-  for (auto& r : z_blk) r.zero_pads();
-  gs_ring.zero_pads();
-  ga_ring.zero_pads();
+  }
 
-  // Zero this task's slots (first touch by the thread that fills them).
-  for (int64_t h = h0; h < h1; h += p.SR)
-    std::memset(slots.slot(b, h), 0, slots.per_slot * sizeof(T));
+  bool owned(int64_t r) const { return r >= h0 && r < h1; }
+  bool in_image(int64_t r) const { return r >= 0 && r < H; }
+  int lanes(int64_t cb) const { return static_cast<int>(std::min<int64_t>(L, C - cb * L)); }
 
-  auto owned = [&](int64_t r) { return r >= h0 && r < h1; };
-  auto in_image = [&](int64_t r) { return r >= 0 && r < H; };
+  void run() {
+    const ARows<T, scalar_t> arows{p, pw, u, u_ring, a_ring, zero_row, b};
+    // g_s rows of the stream: [h0 - 12, h1 + 12); the lagged stages run past the image's end.
+    const int64_t hs = std::max<int64_t>(0, h0 - kHalo - kPad0);
+    const int64_t hend = h1 + kHalo + kPad0;
+    next_a = std::max<int64_t>(0, hs - kHalo), next_u = std::max<int64_t>(0, next_a - kPad0);
+    for (int64_t hb = hs; hb < hend;) {
+      // Blocks end at multiples of RB so that a block is entirely owned or entirely halo.
+      const int64_t he = std::min(hend, (hb / RB + 1) * RB);
+      const int64_t he_img = std::min(he, H);  // rows of this block inside the image
+      const int64_t nrows = std::max<int64_t>(0, he_img - hb);
+      if (nrows > 0) {
+        recompute_block(arows, hb, he_img);
+        block_gemms(hb, nrows * W, owned(hb));
+      }
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        for (int64_t hg = hb; hg < he; hg += NG) {
+          const int64_t hgn = std::min(he, hg + NG);
+          for (int64_t h = hg; h < hgn; ++h) row_stages(cb, h, hb);
+          grad_a_rows(cb, hg, hgn);
+          grad_u_rows(cb, hg, hgn);
+        }
+      }
+      hb = he;
+    }
+  }
 
-  const ARows<T, scalar_t> arows{p, pw, u, u_ring, a_ring, zero_row, b};
-  // g_s rows of the stream: [h0 - 12, h1 + 12); the lagged stages run past the image's end.
-  const int64_t hs = std::max<int64_t>(0, h0 - kHalo - kPad0);
-  const int64_t hend = h1 + kHalo + kPad0;
-  int64_t next_a = std::max<int64_t>(0, hs - kHalo), next_u = std::max<int64_t>(0, next_a - kPad0);
+  // ---- pre-GEMM: recompute s (keeping z) for the block's rows [hb, he_img); e = g * u.
+  void recompute_block(const ARows<T, scalar_t>& arows, int64_t hb, int64_t he_img) {
+    int64_t na = next_a, nu = next_u;
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      na = next_a, nu = next_u;
+      const int nl = lanes(cb);
+      for (int64_t h = hb; h < he_img; h += kVRows) {
+        const int n = static_cast<int>(std::min<int64_t>(kVRows, he_img - h));
+        arows.advance(cb, na, nu, std::min(H, h + n + kHalo));
+        T* z[kVRows][3];
+        T* s_rows[kVRows];
+        for (int i = 0; i < n; ++i) {
+          for (int br = 0; br < kBranches; ++br) z[i][br] = z_blk[br].row(cb, h - hb + i);
+          s_rows[i] = S.row(cb, h - hb + i);
+        }
+        strips_and_sum_rows(h, n, a_ring, cb, H, zero_row, pw, z, s_rows, W);
+      }
+      for (int64_t h = hb; h < he_img; ++h) {
+        T* gr = G.row(cb, h - hb);
+        T* e = E.row(cb, h - hb);
+        const T* ur = u_ring.row(cb, h);
+        load_row(gr, g, b, h, cb * L, nl, W);
+        for (int64_t w = 0; w < W; ++w) vstore(e + w * L, vload(gr + w * L) * vload(ur + w * L));
+      }
+    }
+    next_a = na, next_u = nu;
+  }
+
+  // ---- the GEMMs on the block's M pixels: g_s = W3^T e into its ring, gW3 += e s^T (owned
+  // blocks), and g_u's direct term g * (W3 s + b3), kept in a ring until its row is finished.
+  void block_gemms(int64_t hb, int64_t M, bool block_owned) {
+    gemm_cb(E.base, pw.w3, E.cb_stride, p.Cp, C, M, [&](int64_t m0, int64_t nb0, const auto& v) {
+      typename RowRing<T>::Cursor gr{gs_ring};
+      for_tile_pixels(m0, tile_rows<decltype(v)>, W, [&](int i, int64_t r, int64_t w) {
+        for (int j = 0; j < tile_vecs<decltype(v)>; ++j)
+          vstore(gr.row(nb0 + j, hb + r) + w * L, v[i][j]);
+      });
+    });
+    if (block_owned) gemm_tn(E.base, S.base, slots.w3(b, hb), E.cb_stride, p.Cp, C, M);
+    gemm_cb(S.base, pw.w3t, S.cb_stride, p.Cp, C, M, [&](int64_t m0, int64_t nb0, const auto& y) {
+      typename RowRing<T>::Cursor gr{gud_ring};
+      for_tile_pixels(m0, tile_rows<decltype(y)>, W, [&](int i, int64_t r, int64_t w) {
+        for (int j = 0; j < tile_vecs<decltype(y)>; ++j) {
+          const int64_t nb = nb0 + j;
+          const V gv = vload(G.row(nb, r) + w * L);
+          vstore(gr.row(nb, hb + r) + w * L, gv * (y[i][j] + vload(pw.b3 + nb * L)));
+        }
+      });
+    });
+  }
+
+  // ---- post-GEMM, row-local stages of g_s row h (of the block starting at hb): its bias row
+  // sums and the 1xk weight gradients corr(g_s, z); then gz_k = H_k^T g_s for row h - lag_k and
+  // the kx1 weight gradients corr(gz_k, a).
+  void row_stages(int64_t cb, int64_t h, int64_t hb) {
+    if (in_image(h) && owned(h)) {
+      const T* gs = gs_ring.row(cb, h);
+      row_sum(sums.at(sums.gs, b, h, cb), gs, W);
+      row_sum(sums.at(sums.e, b, h, cb), E.row(cb, h - hb), W);
+      corr_horizontal_row<7>(slots.wh(b, h, cb, 0), gs, z_blk[0].row(cb, h - hb), W);
+      corr_horizontal_row<11>(slots.wh(b, h, cb, 1), gs, z_blk[1].row(cb, h - hb), W);
+      corr_horizontal_row<21>(slots.wh(b, h, cb, 2), gs, z_blk[2].row(cb, h - hb), W);
+    }
+    for (int br = 0; br < kBranches; ++br) {
+      const int64_t r = h - kLagZ[br];
+      const int pk = kStripK[br] / 2;
+      if (!in_image(r) || r < h0 - kPad0 - pk || r >= h1 + kPad0 + pk) continue;
+      T* gz = gz_ring[br].row(cb, r);
+      const T* gsr = gs_ring.row(cb, r);
+      const T* kf = pw.wh_cb(cb, br, true);
+      if (br == 0) strip_horizontal_row<7>(gz, gsr, kf, W);
+      if (br == 1) strip_horizontal_row<11>(gz, gsr, kf, W);
+      if (br == 2) strip_horizontal_row<21>(gz, gsr, kf, W);
+      if (owned(r)) corr_vertical_window(cb, br, r);
+    }
+  }
 
   // The kx1 weight gradient of owned gz rows, in windows of NG rows aligned to multiples of NG
   // (h0 is one), so that the summation order is the same whatever the band split.
-  auto corr_vertical_window = [&](int64_t cb, int br, int64_t r_last) {
+  void corr_vertical_window(int64_t cb, int br, int64_t r_last) {
     const int64_t r_end = std::min(r_last + 1, std::min(h1, H));
     if (r_last + 1 != r_end || (r_end % NG != 0 && r_end != std::min(h1, H))) return;
     const int64_t r0 = std::max(h0, (r_end - 1) / NG * NG);
@@ -960,180 +1081,69 @@ void msca_backward_band(const Plan& p, const PackedWeights<T>& pw,
     if (br == 0) run(std::integral_constant<int, 7>{});
     if (br == 1) run(std::integral_constant<int, 11>{});
     if (br == 2) run(std::integral_constant<int, 21>{});
-  };
-
-  for (int64_t hb = hs; hb < hend;) {
-    // Blocks end at multiples of RB so that a block is entirely owned or entirely halo.
-    const int64_t he = std::min(hend, (hb / RB + 1) * RB);
-    const int64_t he_img = std::min(he, H);  // rows of this block inside the image
-    const int64_t nrows = std::max<int64_t>(0, he_img - hb);
-    const bool block_owned = owned(hb);
-
-    // ---- pre-GEMM: recompute s (keeping z) for the block's rows; e = g * u.
-    if (nrows > 0) {
-      int64_t na = next_a, nu = next_u;
-      for (int64_t cb = 0; cb < ncb; ++cb) {
-        na = next_a, nu = next_u;
-        const int nl = static_cast<int>(std::min<int64_t>(L, C - cb * L));
-        for (int64_t h = hb; h < he_img; h += kVRows) {
-          const int n = static_cast<int>(std::min<int64_t>(kVRows, he_img - h));
-          arows.advance(cb, na, nu, std::min(H, h + n + kHalo));
-          T* z[kVRows][3];
-          T* s_rows[kVRows];
-          for (int i = 0; i < n; ++i) {
-            for (int br = 0; br < kBranches; ++br) z[i][br] = z_blk[br].row(cb, h - hb + i);
-            s_rows[i] = S.row(cb, h - hb + i);
-          }
-          strips_and_sum_rows(h, n, a_ring, cb, H, zero_row, pw, z, s_rows, W);
-        }
-        for (int64_t h = hb; h < he_img; ++h) {
-          T* gr = G.row(cb, h - hb);
-          T* e = E.row(cb, h - hb);
-          const T* ur = u_ring.row(cb, h);
-          load_row(gr, g, b, h, cb * L, nl, W);
-          for (int64_t w = 0; w < W; ++w) vstore(e + w * L, vload(gr + w * L) * vload(ur + w * L));
-        }
-      }
-      next_a = na, next_u = nu;
-
-      const int64_t M = nrows * W;
-      // g_s = W3^T e, into its ring.
-      gemm_cb(E.base, pw.w3, E.cb_stride, p.Cp, C, M, [&](int64_t m0, int64_t nb0, const auto& v) {
-        typename RowRing<T>::Cursor gr{gs_ring};
-        for_tile_pixels(m0, tile_rows<decltype(v)>, W, [&](int i, int64_t r, int64_t w) {
-          for (int j = 0; j < tile_vecs<decltype(v)>; ++j)
-            vstore(gr.row(nb0 + j, hb + r) + w * L, v[i][j]);
-        });
-      });
-      if (block_owned) gemm_tn(E.base, S.base, slots.w3(b, hb), E.cb_stride, p.Cp, C, M);
-      // g_u's direct term g * (W3 s + b3), kept in a ring until row h's g_u is finished.
-      gemm_cb(S.base, pw.w3t, S.cb_stride, p.Cp, C, M, [&](int64_t m0, int64_t nb0, const auto& y) {
-        typename RowRing<T>::Cursor gr{gud_ring};
-        for_tile_pixels(m0, tile_rows<decltype(y)>, W, [&](int i, int64_t r, int64_t w) {
-          for (int j = 0; j < tile_vecs<decltype(y)>; ++j) {
-            const int64_t nb = nb0 + j;
-            const V gv = vload(G.row(nb, r) + w * L);
-            vstore(gr.row(nb, hb + r) + w * L, gv * (y[i][j] + vload(pw.b3 + nb * L)));
-          }
-        });
-      });
-    }
-
-    // ---- post-GEMM, per channel block, in groups of NG g_s rows.
-    for (int64_t cb = 0; cb < ncb; ++cb) {
-      const int nl = static_cast<int>(std::min<int64_t>(L, C - cb * L));
-      for (int64_t hg = hb; hg < he; hg += NG) {
-        const int64_t hgn = std::min(he, hg + NG);
-        // Row-local stages of g_s row h.
-        for (int64_t h = hg; h < hgn; ++h) {
-          if (in_image(h) && owned(h)) {
-            const T* gs = gs_ring.row(cb, h);
-            {
-              row_sum(sums.at(sums.gs, b, h, cb), gs, W);
-              row_sum(sums.at(sums.e, b, h, cb), E.row(cb, h - hb), W);
-              corr_horizontal_row<7>(slots.wh(b, h, cb, 0), gs, z_blk[0].row(cb, h - hb), W);
-              corr_horizontal_row<11>(slots.wh(b, h, cb, 1), gs, z_blk[1].row(cb, h - hb), W);
-              corr_horizontal_row<21>(slots.wh(b, h, cb, 2), gs, z_blk[2].row(cb, h - hb), W);
-            }
-          }
-          // gz_k = H_k^T g_s for row h - lag_k, and the kx1 weight gradient corr(gz_k, a).
-          for (int br = 0; br < kBranches; ++br) {
-            const int64_t r = h - kLagZ[br];
-            const int pk = kStripK[br] / 2;
-            if (!in_image(r) || r < h0 - kPad0 - pk || r >= h1 + kPad0 + pk) continue;
-            T* gz = gz_ring[br].row(cb, r);
-            const T* gsr = gs_ring.row(cb, r);
-            const T* kf = pw.wh_cb(cb, br, true);
-            if (br == 0) strip_horizontal_row<7>(gz, gsr, kf, W);
-            if (br == 1) strip_horizontal_row<11>(gz, gsr, kf, W);
-            if (br == 2) strip_horizontal_row<21>(gz, gsr, kf, W);
-            if (owned(r)) corr_vertical_window(cb, br, r);
-          }
-        }
-        // g_a rows [hg - 10, hgn - 10) = g_s + sum_k V_k^T gz_k, NG rows per call.
-        const int64_t ra = std::max({hg - kHalo, h0 - kPad0, int64_t(0)});
-        const int64_t rb = std::min({hgn - kHalo, h1 + kPad0, H});
-        for (int64_t r = ra; r < rb;) {
-          const int n = rb - r >= NG ? NG : 1;
-          const T* rows7[7 + NG - 1];
-          const T* rows11[11 + NG - 1];
-          const T* rows21[21 + NG - 1];
-          window_rows(rows7, 7 + n - 1, gz_ring[0], cb, r - 3, H, zero_row);
-          window_rows(rows11, 11 + n - 1, gz_ring[1], cb, r - 5, H, zero_row);
-          window_rows(rows21, 21 + n - 1, gz_ring[2], cb, r - 10, H, zero_row);
-          T* ga[NG];
-          const T* init[NG];
-          for (int i = 0; i < n; ++i) ga[i] = ga_ring.row(cb, r + i), init[i] = gs_ring.row(cb, r + i);
-          auto store = [&](int i, int64_t w, V a7, V a11, V a21) {
-            vstore(ga[i] + w * L, ((vload(init[i] + w * L) + a7) + a11) + a21);
-          };
-          const T* k7 = pw.wv_cb(cb, 0, true);
-          const T* k11 = pw.wv_cb(cb, 1, true);
-          const T* k21 = pw.wv_cb(cb, 2, true);
-          if (n == NG) {
-            strip_vertical3_rows<NG, false>(rows7, rows11, rows21, k7, k11, k21, W, store);
-          } else {
-            strip_vertical3_rows<1, false>(rows7, rows11, rows21, k7, k11, k21, W, store);
-          }
-          for (int i = 0; i < n; ++i) {
-            if (!owned(r + i)) continue;
-            row_sum(sums.at(sums.ga, b, r + i, cb), ga[i], W);
-            const T* in[5];
-            window_rows(in, 5, u_ring, cb, r + i - kPad0, H, zero_row);
-            corr_5x5_row(slots.w0(b, r + i, cb), ga[i], in, W);
-          }
-          r += n;
-        }
-        // g_u rows [hg - 12, hgn - 12) = g * y + dw5^T(g_a).
-        for (int64_t q = std::max(hg - kHalo - kPad0, h0); q < std::min({hgn - kHalo - kPad0, h1, H}); ++q) {
-          const T* in[5];
-          window_rows(in, 5, ga_ring, cb, q - kPad0, H, zero_row);
-          T* acc = gu_row.row(0, 0);
-          conv5x5_row(acc, in, pw.w0_cb(cb, true), nullptr, gud_ring.row(cb, q), W);
-          store_row_values(gu, b, q, cb * L, nl, W, acc);
-        }
-      }
-    }
-    hb = he;
   }
-}
+
+  // ---- g_a rows [hg - 10, hgn - 10) = g_s + sum_k V_k^T gz_k, NG rows per call; for owned
+  // rows, the b0 row sums and the 5x5 weight gradient corr(g_a, u).
+  void grad_a_rows(int64_t cb, int64_t hg, int64_t hgn) {
+    const int64_t ra = std::max({hg - kHalo, h0 - kPad0, int64_t(0)});
+    const int64_t rb = std::min({hgn - kHalo, h1 + kPad0, H});
+    for (int64_t r = ra; r < rb;) {
+      const int n = rb - r >= NG ? NG : 1;
+      const T* rows7[7 + NG - 1];
+      const T* rows11[11 + NG - 1];
+      const T* rows21[21 + NG - 1];
+      window_rows(rows7, 7 + n - 1, gz_ring[0], cb, r - 3, H, zero_row);
+      window_rows(rows11, 11 + n - 1, gz_ring[1], cb, r - 5, H, zero_row);
+      window_rows(rows21, 21 + n - 1, gz_ring[2], cb, r - 10, H, zero_row);
+      T* ga[NG];
+      const T* init[NG];
+      for (int i = 0; i < n; ++i) ga[i] = ga_ring.row(cb, r + i), init[i] = gs_ring.row(cb, r + i);
+      auto store = [&](int i, int64_t w, V a7, V a11, V a21) {
+        vstore(ga[i] + w * L, ((vload(init[i] + w * L) + a7) + a11) + a21);
+      };
+      const T* k7 = pw.wv_cb(cb, 0, true);
+      const T* k11 = pw.wv_cb(cb, 1, true);
+      const T* k21 = pw.wv_cb(cb, 2, true);
+      if (n == NG) {
+        strip_vertical3_rows<NG, false>(rows7, rows11, rows21, k7, k11, k21, W, store);
+      } else {
+        strip_vertical3_rows<1, false>(rows7, rows11, rows21, k7, k11, k21, W, store);
+      }
+      for (int i = 0; i < n; ++i) {
+        if (!owned(r + i)) continue;
+        row_sum(sums.at(sums.ga, b, r + i, cb), ga[i], W);
+        const T* in[5];
+        window_rows(in, 5, u_ring, cb, r + i - kPad0, H, zero_row);
+        corr_5x5_row(slots.w0(b, r + i, cb), ga[i], in, W);
+      }
+      r += n;
+    }
+  }
+
+  // ---- g_u rows [hg - 12, hgn - 12) = g * y + dw5^T(g_a), written to the caller's tensor.
+  void grad_u_rows(int64_t cb, int64_t hg, int64_t hgn) {
+    const int nl = lanes(cb);
+    for (int64_t q = std::max(hg - kHalo - kPad0, h0);
+         q < std::min({hgn - kHalo - kPad0, h1, H}); ++q) {
+      const T* in[5];
+      window_rows(in, 5, ga_ring, cb, q - kPad0, H, zero_row);
+      T* acc = gu_row.row(0, 0);
+      conv5x5_row(acc, in, pw.w0_cb(cb, true), nullptr, gud_ring.row(cb, q), W);
+      store_row_values(gu, b, q, cb * L, nl, W, acc);
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------------------
 // Entry points.
 // ------------------------------------------------------------------------------------------
-constexpr const char* kWeightNames[16] = {"w0",   "b0",   "w0_1", "b0_1", "w0_2", "b0_2",
-                                          "w1_1", "b1_1", "w1_2", "b1_2", "w2_1", "b2_1",
-                                          "w2_2", "b2_2", "w3",   "b3"};
-
-std::vector<int64_t> expected_shape(int i, int64_t C) {
-  if (i % 2 == 1) return {C};
-  if (i == 0) return {C, 1, 5, 5};
-  if (i == 14) return {C, C, 1, 1};
-  const int K = kStripK[(i - 2) / 4];
-  return (i - 2) % 4 == 0 ? std::vector<int64_t>{C, 1, 1, K} : std::vector<int64_t>{C, 1, K, 1};
+void check_inputs(const char* op, const at::Tensor& u, at::TensorList w) {
+  msca::check_inputs(op, u, w, at::kCPU, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16},
+                     "float32, float64, float16 or bfloat16");
 }
 
-void check_inputs(const char* op, const at::Tensor& u, const std::vector<at::Tensor>& w) {
-  TORCH_CHECK(u.dim() == 4, op, ": u must be a 4-D tensor (B, C, H, W), got shape ", u.sizes());
-  TORCH_CHECK(u.device().is_cpu(), op, ": u must be a CPU tensor, got device ", u.device());
-  const auto dt = u.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": u must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(w.size() == 16, op, ": expected 16 weight and bias tensors, got ", w.size());
-  const int64_t C = u.size(1);
-  for (int i = 0; i < 16; ++i) {
-    const auto shape = expected_shape(i, C);
-    TORCH_CHECK(w[i].sizes() == at::IntArrayRef(shape), op, ": ", kWeightNames[i],
-                " must have shape ", at::IntArrayRef(shape), " for u with C=", C, " channels, got ",
-                w[i].sizes());
-    TORCH_CHECK(w[i].scalar_type() == dt, op, ": ", kWeightNames[i], " has dtype ",
-                w[i].scalar_type(), " but u has ", dt, "; all tensors must share one dtype");
-    TORCH_CHECK(w[i].device().is_cpu(), op, ": ", kWeightNames[i],
-                " must be a CPU tensor, got device ", w[i].device());
-  }
-}
-
-std::vector<at::Tensor> weights_as(const std::vector<at::Tensor>& w, at::ScalarType dt) {
+std::vector<at::Tensor> weights_as(at::TensorList w, at::ScalarType dt) {
   std::vector<at::Tensor> out;
   out.reserve(w.size());
   for (const auto& t : w) out.push_back(t.to(dt).contiguous());
@@ -1150,20 +1160,122 @@ void run_tasks(const Plan& p, F&& band) {
   });
 }
 
-at::Tensor msca_fwd_cpu(const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0,
-                        const at::Tensor& w0_1, const at::Tensor& b0_1, const at::Tensor& w0_2,
-                        const at::Tensor& b0_2, const at::Tensor& w1_1, const at::Tensor& b1_1,
-                        const at::Tensor& w1_2, const at::Tensor& b1_2, const at::Tensor& w2_1,
-                        const at::Tensor& b2_1, const at::Tensor& w2_2, const at::Tensor& b2_2,
-                        const at::Tensor& w3, const at::Tensor& b3) {
-  const std::vector<at::Tensor> w = {w0,   b0,   w0_1, b0_1, w0_2, b0_2, w1_1, b1_1,
-                                     w1_2, b1_2, w2_1, b2_1, w2_2, b2_2, w3,   b3};
-  check_inputs("msca_fwd", u, w);
+// The weight-gradient slots summed in a fixed order, each element on its own (parallel over
+// elements): one slot's worth, [per_slot], in T.
+template <typename T>
+at::Tensor sum_slots(const GradSlots<T>& slots, int64_t B) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t nslots = B * slots.slots_per_image;
+  at::Tensor total_t = at::empty({slots.per_slot},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* total = total_t.data_ptr<T>();
+  // per_slot is a multiple of L and the slots are 64-byte aligned: sum whole vectors.
+  at::parallel_for(0, slots.per_slot / L, 256, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      vec_t<T> acc = vec_t<T>{};
+      for (int64_t s = 0; s < nslots; ++s) acc += vload(slots.base + s * slots.per_slot + v * L);
+      vstore(total + v * L, acc);
+    }
+  });
+  return total_t;
+}
+
+// The bias gradients, [Cp] per bias, and the bias term of the kx1 weights' gradients (wv_bias,
+// [cb][39 taps][L], to be scaled by bh), from the per-row sums: with P(h) = sum_b rowsum_gs(b, h),
+// gbv = sum_h P(h), gbh = sum_h P(h) * (sum of the kx1 taps inside the image at row h),
+// gwv_bias[tap] = sum of P(h) over the rows h where the tap lands inside the image.
+template <typename T>
+struct BiasGrads {
+  std::vector<T> b3, b0, bv, bh, wv_bias;
+};
+
+template <typename T>
+BiasGrads<T> bias_grads(const Plan& p, const PackedWeights<T>& pw, const RowSums<T>& sums) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t B = p.B, H = p.H, Cp = p.Cp, ncb = p.ncb;
+  BiasGrads<T> g;
+  g.b3.assign(Cp, T(0)), g.b0.assign(Cp, T(0)), g.bv.assign(Cp, T(0));
+  g.bh.assign(3 * Cp, T(0)), g.wv_bias.assign(ncb * kStripTaps * L, T(0));
+  std::vector<T> ps(Cp), colsum(Cp);
+  for (int64_t h = 0; h < H; ++h) {
+    std::fill(ps.begin(), ps.end(), T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = sums.gs + (b * H + h) * Cp;
+      const T* re = sums.e + (b * H + h) * Cp;
+      const T* ra = sums.ga + (b * H + h) * Cp;
+      for (int64_t c = 0; c < Cp; ++c) ps[c] += rs[c], g.b3[c] += re[c], g.b0[c] += ra[c];
+    }
+    for (int64_t c = 0; c < Cp; ++c) g.bv[c] += ps[c];
+    for (int br = 0; br < kBranches; ++br) {
+      const int K = kStripK[br], pk = K / 2;
+      const int j0 = static_cast<int>(std::max<int64_t>(0, pk - h));
+      const int j1 = static_cast<int>(std::min<int64_t>(K, H - h + pk));
+      std::fill(colsum.begin(), colsum.end(), T(0));
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        for (int j = j0; j < j1; ++j) {
+          const int64_t t = (cb * kStripTaps + kStripOffset[br] + j) * L;
+          for (int l = 0; l < L; ++l) {
+            colsum[cb * L + l] += pw.wv[t + l];
+            g.wv_bias[t + l] += ps[cb * L + l];
+          }
+        }
+      }
+      for (int64_t c = 0; c < Cp; ++c) g.bh[br * Cp + c] += ps[c] * colsum[c];
+    }
+  }
+  return g;
+}
+
+// The 16 weight gradients in the weights' shapes, strides and dtype, from the summed slot
+// (`total`, channel-blocked and padded) and the bias terms.
+template <typename T>
+std::vector<at::Tensor> unpack_weight_grads(at::TensorList w, const Plan& p,
+                                            const PackedWeights<T>& pw, const GradSlots<T>& slots,
+                                            const T* total, const BiasGrads<T>& bias) {
+  constexpr int L = Lanes<T>::L;
+  const int64_t C = p.C, Cp = p.Cp;
+  std::vector<at::Tensor> out(msca::kNumWeights);
+  // Weight i as (C, inner) from value(c, j), then in w[i]'s shape, strides and dtype.
+  auto emit = [&](int i, int64_t inner, auto value) {
+    at::Tensor r = at::empty(w[i].sizes(),
+                             at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* d = r.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < inner; ++j) d[c * inner + j] = value(c, j);
+    out[i] = at::empty_like(w[i]);
+    out[i].copy_(r);
+  };
+  auto per_channel = [](const T* v) { return [v](int64_t c, int64_t) { return v[c]; }; };
+  const T* t_w3 = total + slots.o_w3;
+  const T* t_w0 = total + slots.o_w0;
+  const T* t_wh = total + slots.o_wh;
+  const T* t_wv = total + slots.o_wv;
+  emit(msca::kW0, 25, [&](int64_t c, int64_t t) { return t_w0[(c / L * 25 + t) * L + c % L]; });
+  emit(msca::kB0, 1, per_channel(bias.b0.data()));
+  for (int br = 0; br < kBranches; ++br) {
+    const int hc = msca::strip_conv(br, false), vc = msca::strip_conv(br, true);
+    auto tap = [&](int64_t c, int64_t j) {
+      return (c / L * kStripTaps + kStripOffset[br] + j) * L + c % L;
+    };
+    emit(msca::weight_index(hc), kStripK[br], [&](int64_t c, int64_t j) { return t_wh[tap(c, j)]; });
+    emit(msca::bias_index(hc), 1, per_channel(bias.bh.data() + br * Cp));
+    emit(msca::weight_index(vc), kStripK[br], [&](int64_t c, int64_t j) {
+      return t_wv[tap(c, j)] + pw.bh[br * Cp + c] * bias.wv_bias[tap(c, j)];
+    });
+    emit(msca::bias_index(vc), 1, per_channel(bias.bv.data()));
+  }
+  emit(msca::kW3, C, [&](int64_t n, int64_t k) { return t_w3[n * Cp + k]; });
+  emit(msca::kB3, 1, per_channel(bias.b3.data()));
+  return out;
+}
+
+at::Tensor msca_forward_cpu(const at::Tensor& u, at::TensorList w) {
+  check_inputs("msca_forward", u, w);
   at::Tensor out = at::empty_like(u);  // the caller's strides (the fake is empty_like too)
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   if (u.numel() == 0) return out;
   const int64_t B = u.size(0), C = u.size(1), H = u.size(2), W = u.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "msca_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "msca_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto pw = pack_weights<T>(weights_as(w, c10::CppTypeToScalarType<T>::value), C, false);
     const Plan p = make_plan(B, C, H, W, Lanes<T>::L, /*backward=*/false);
@@ -1176,21 +1288,10 @@ at::Tensor msca_fwd_cpu(const at::Tensor& u, const at::Tensor& w0, const at::Ten
   return out;
 }
 
-std::vector<at::Tensor> msca_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& u, const at::Tensor& w0, const at::Tensor& b0,
-    const at::Tensor& w0_1, const at::Tensor& b0_1, const at::Tensor& w0_2,
-    const at::Tensor& b0_2, const at::Tensor& w1_1, const at::Tensor& b1_1,
-    const at::Tensor& w1_2, const at::Tensor& b1_2, const at::Tensor& w2_1,
-    const at::Tensor& b2_1, const at::Tensor& w2_2, const at::Tensor& b2_2,
-    const at::Tensor& w3, const at::Tensor& b3) {
-  const std::vector<at::Tensor> w = {w0,   b0,   w0_1, b0_1, w0_2, b0_2, w1_1, b1_1,
-                                     w1_2, b1_2, w2_1, b2_1, w2_2, b2_2, w3,   b3};
-  check_inputs("msca_bwd", u, w);
-  TORCH_CHECK(grad.sizes() == u.sizes(), "msca_bwd: grad must have u's shape ", u.sizes(),
-              ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == u.scalar_type(), "msca_bwd: grad has dtype ",
-              grad.scalar_type(), " but u has ", u.scalar_type());
-  segnext::check_device("msca_bwd", at::kCPU, {{"grad", &grad}});
+std::vector<at::Tensor> msca_backward_cpu(const at::Tensor& grad, const at::Tensor& u,
+                                          at::TensorList w) {
+  check_inputs("msca_backward", u, w);
+  msca::check_grad("msca_backward", grad, u);
 
   at::Tensor grad_u = at::empty_like(u);
   if (poison_outputs()) grad_u.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -1201,20 +1302,18 @@ std::vector<at::Tensor> msca_bwd_cpu(
     return result;
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "msca_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "msca_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    constexpr int L = Lanes<T>::L;
     const auto acc_dtype = c10::CppTypeToScalarType<T>::value;
     const auto pw = pack_weights<T>(weights_as(w, acc_dtype), C, true);
-    const Plan p = make_plan(B, C, H, W, L, /*backward=*/true);
-    const int64_t Cp = p.Cp, ncb = p.ncb;
+    const Plan p = make_plan(B, C, H, W, Lanes<T>::L, /*backward=*/true);
 
     at::Tensor slot_storage = at::empty({GradSlots<T>::size(p)}, at::TensorOptions().dtype(acc_dtype));
     GradSlots<T> slots;
     slots.init(p, slot_storage.data_ptr<T>());
-    at::Tensor sum_storage = at::empty({3, B, H, Cp}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor sum_storage = at::empty({3, B, H, p.Cp}, at::TensorOptions().dtype(acc_dtype));
     RowSums<T> sums;
-    sums.H = H, sums.Cp = Cp;
+    sums.H = H, sums.Cp = p.Cp;
     sums.gs = sum_storage[0].data_ptr<T>();
     sums.e = sum_storage[1].data_ptr<T>();
     sums.ga = sum_storage[2].data_ptr<T>();
@@ -1222,92 +1321,22 @@ std::vector<at::Tensor> msca_bwd_cpu(
     const Strided<const scalar_t> us(u), gs(grad);
     const Strided<scalar_t> gus(grad_u);
     run_tasks(p, [&](int64_t b, int64_t h0, int64_t h1) {
-      msca_backward_band<T, scalar_t>(p, pw, us, gs, gus, slots, sums, b, h0, h1);
+      BackwardTask<T, scalar_t>(p, pw, us, gs, gus, slots, sums, b, h0, h1).run();
     });
 
-    // Sum the slots in a fixed order (each element on its own: parallel over elements).
-    const int64_t nslots = B * slots.slots_per_image;
-    at::Tensor total_t = at::empty({slots.per_slot}, at::TensorOptions().dtype(acc_dtype));
-    T* total = total_t.data_ptr<T>();
-    // per_slot is a multiple of L and the slots are 64-byte aligned: sum whole vectors.
-    at::parallel_for(0, slots.per_slot / L, 256, [&](int64_t v0, int64_t v1) {
-      for (int64_t v = v0; v < v1; ++v) {
-        vec_t<T> acc = vec_t<T>{};
-        for (int64_t s = 0; s < nslots; ++s) acc += vload(slots.base + s * slots.per_slot + v * L);
-        vstore(total + v * L, acc);
-      }
-    });
-
-    // Bias terms, from the per-row sums: P(h) = sum_b rowsum(b, h).
-    std::vector<T> gb3(Cp, T(0)), gb0(Cp, T(0)), gbv(Cp, T(0));
-    std::vector<T> gbh(3 * Cp, T(0)), gwv_bias(ncb * kStripTaps * L, T(0));
-    std::vector<T> ps(Cp), colsum(Cp);
-    for (int64_t h = 0; h < H; ++h) {
-      std::fill(ps.begin(), ps.end(), T(0));
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = sums.gs + (b * H + h) * Cp;
-        const T* re = sums.e + (b * H + h) * Cp;
-        const T* ra = sums.ga + (b * H + h) * Cp;
-        for (int64_t c = 0; c < Cp; ++c) ps[c] += rs[c], gb3[c] += re[c], gb0[c] += ra[c];
-      }
-      for (int64_t c = 0; c < Cp; ++c) gbv[c] += ps[c];
-      for (int br = 0; br < kBranches; ++br) {
-        const int K = kStripK[br], pk = K / 2;
-        const int j0 = static_cast<int>(std::max<int64_t>(0, pk - h));
-        const int j1 = static_cast<int>(std::min<int64_t>(K, H - h + pk));
-        std::fill(colsum.begin(), colsum.end(), T(0));
-        for (int64_t cb = 0; cb < ncb; ++cb) {
-          for (int j = j0; j < j1; ++j) {
-            const int64_t t = (cb * kStripTaps + kStripOffset[br] + j) * L;
-            for (int l = 0; l < L; ++l) {
-              colsum[cb * L + l] += pw.wv[t + l];
-              gwv_bias[t + l] += ps[cb * L + l];
-            }
-          }
-        }
-        for (int64_t c = 0; c < Cp; ++c) gbh[br * Cp + c] += ps[c] * colsum[c];
-      }
-    }
-
-    // Unpack into the weights' shapes (C, inner...) and dtype; value(c, j) -> T.
-    auto emit = [&](int i, int64_t inner, auto value) {
-      at::Tensor r = at::empty(w[i].sizes(), at::TensorOptions().dtype(acc_dtype));
-      T* d = r.data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < inner; ++j) d[c * inner + j] = value(c, j);
-      at::Tensor out = at::empty_like(w[i]);
-      out.copy_(r);
-      result.push_back(out);
-    };
-    const T* t_w3 = total + slots.o_w3;
-    const T* t_w0 = total + slots.o_w0;
-    const T* t_wh = total + slots.o_wh;
-    const T* t_wv = total + slots.o_wv;
-    auto per_channel = [&](const T* v) { return [v](int64_t c, int64_t) { return v[c]; }; };
-    emit(0, 25, [&](int64_t c, int64_t t) { return t_w0[(c / L * 25 + t) * L + c % L]; });
-    emit(1, 1, per_channel(gb0.data()));
-    for (int br = 0; br < kBranches; ++br) {
-      auto tap = [&](int64_t c, int64_t j) {
-        return (c / L * kStripTaps + kStripOffset[br] + j) * L + c % L;
-      };
-      emit(2 + 4 * br, kStripK[br], [&](int64_t c, int64_t j) { return t_wh[tap(c, j)]; });
-      emit(3 + 4 * br, 1, per_channel(gbh.data() + br * Cp));
-      emit(4 + 4 * br, kStripK[br], [&](int64_t c, int64_t j) {
-        return t_wv[tap(c, j)] + pw.bh[br * Cp + c] * gwv_bias[tap(c, j)];
-      });
-      emit(5 + 4 * br, 1, per_channel(gbv.data()));
-    }
-    emit(14, C, [&](int64_t n, int64_t k) { return t_w3[n * Cp + k]; });
-    emit(15, 1, per_channel(gb3.data()));
+    const at::Tensor total = sum_slots(slots, B);
+    const BiasGrads<T> bias = bias_grads(p, pw, sums);
+    for (auto& t : unpack_weight_grads(w, p, pw, slots, total.data_ptr<T>(), bias))
+      result.push_back(std::move(t));
   });
   return result;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) {
-  m.impl("msca_fwd", &msca_fwd_cpu);
-  m.impl("msca_bwd", &msca_bwd_cpu);
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) {
+  m.impl("msca_forward", &msca_forward_cpu);
+  m.impl("msca_backward", &msca_backward_cpu);
 }
 
 }  // namespace segnext

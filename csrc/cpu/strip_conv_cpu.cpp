@@ -93,23 +93,24 @@ void strip_conv_nchw(const scalar_t* x, const acc_t* wt /* [C][k] */, const acc_
   });
 }
 
-at::Tensor strip_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias) {
-  segnext::check_device("strip_conv", at::kCPU, {{"x", &x}, {"weight", &weight}});
-  if (bias.has_value()) segnext::check_device("strip_conv", at::kCPU, {{"bias", &*bias}});
-  TORCH_CHECK(x.dim() == 4, "strip_conv: x must be 4-D (B, C, H, W), got ", x.sizes());
+at::Tensor strip_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "strip_conv_forward";
+  segnext::check_device(op, at::kCPU, {{"x", &x}, {"weight", &weight}});
+  if (bias.has_value()) segnext::check_device(op, at::kCPU, {{"bias", &*bias}});
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.sizes());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
                   (weight.size(2) == 1 || weight.size(3) == 1),
-              "strip_conv: weight must be (C, 1, 1, k) or (C, 1, k, 1) with C=", C, ", got ",
+              op, ": weight must be (C, 1, 1, k) or (C, 1, k, 1) with C=", C, ", got ",
               weight.sizes());
   const bool horizontal = weight.size(2) == 1;
   const int64_t k = horizontal ? weight.size(3) : weight.size(2);
-  TORCH_CHECK(k % 2 == 1, "strip_conv: kernel size must be odd, got ", k);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "strip_conv: weight dtype ",
+  TORCH_CHECK(k % 2 == 1, op, ": kernel size must be odd, got ", k);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
               weight.scalar_type(), " differs from x dtype ", x.scalar_type());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "strip_conv: bias must be (", C,
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must be (", C,
                 "), got ", bias->sizes());
   }
   const bool channels_last = !x.is_contiguous() &&
@@ -118,7 +119,7 @@ at::Tensor strip_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor out = at::empty_like(xc);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "strip_conv_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (channels_last) {
       // Taps-major weights so the inner loop runs over contiguous channels (float accumulation).
@@ -155,6 +156,6 @@ at::Tensor strip_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) { m.impl("strip_conv", &strip_conv_cpu); }
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) { m.impl("strip_conv_forward", &strip_conv_forward_cpu); }
 
 }  // namespace segnext

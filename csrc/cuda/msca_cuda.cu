@@ -233,6 +233,24 @@ __host__ __device__ constexpr int slot_len(int i) {
 }
 static_assert(slot_start(13) + slot_len(13) == kSlots, "slot table");
 
+// The slot table, the SEGNEXT_STRIP_* expansions and the launchers encode the weight contract
+// (csrc/msca_weights.h): checked against it here.
+constexpr bool slots_follow_contract() {
+  for (int i = 0; i < msca::kNumDepthwiseWeights; ++i) {
+    if (slot_len(i) != msca::weight_numel(i, 1)) return false;
+    if (i > 0 && slot_start(i) != slot_start(i - 1) + slot_len(i - 1)) return false;
+  }
+  return slot_start(0) == 0;
+}
+static_assert(slots_follow_contract(), "the slot table does not follow csrc/msca_weights.h");
+// SEGNEXT_STRIP_FWD/BWD(K, IW): branch (IW - 2) / 4 of size K, its 1xK weight at IW.
+constexpr bool strip_expansion(int K, int IW) {
+  return msca::weight_index(msca::strip_conv((IW - 2) / 4, false)) == IW &&
+         msca::strip_size((IW - 2) / 4) == K;
+}
+static_assert(strip_expansion(7, 2) && strip_expansion(11, 6) && strip_expansion(21, 10),
+              "strip branches");
+
 template <typename T, int TH_, int TW_, int NT_>
 struct DwTile {
   static constexpr int kVec = kVecOf<T>;
@@ -296,7 +314,7 @@ struct DwArgs {
   const T* g;      // grad_s (strips backward) / grad_a (5x5 backward)
   T* out;          // s (forward) / grad_a (strips backward) / grad_u (5x5 backward, accumulated)
   float* part;     // weight-gradient partials [tiles][C][kSlots]
-  const T* w[14];  // the 14 depthwise parameters, op order
+  const T* w[msca::kNumDepthwiseWeights];  // the 14 depthwise parameters, contract order
   int N, H, W, C, tiles_x, tiles_y, ncv;
   bool vec;
 };
@@ -705,7 +723,7 @@ __global__ void __launch_bounds__(Cfg::NT) msca_dw_backward_5x5_kernel(const DwA
 // part[tile][c][slot] summed over tiles in order -> the 14 depthwise weight/bias gradients.
 template <typename T>
 struct DwGradOut {
-  T* p[14];
+  T* p[msca::kNumDepthwiseWeights];
 };
 
 template <typename T>
@@ -717,7 +735,7 @@ __global__ void dw_weight_grad_reduce_kernel(const float* __restrict__ part, int
   float v = 0.f;
   for (int t = 0; t < ntiles; ++t) v += part[static_cast<int64_t>(t) * C * kSlots + i];
 #pragma unroll
-  for (int k = 0; k < 14; ++k) {
+  for (int k = 0; k < msca::kNumDepthwiseWeights; ++k) {
     if (slot >= slot_start(k) && slot < slot_start(k) + slot_len(k)) {
       out.p[k][static_cast<int64_t>(c) * slot_len(k) + slot - slot_start(k)] = from_f<T>(v);
     }
@@ -1023,7 +1041,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <typename T, class Cfg>
 DwArgs<T> make_dw_args(const Shape& s, const Weights& w) {
   DwArgs<T> a{};
-  for (int i = 0; i < 14; ++i) a.w[i] = static_cast<const T*>(w.p[i]);
+  for (int i = 0; i < msca::kNumDepthwiseWeights; ++i) a.w[i] = static_cast<const T*>(w.p[i]);
   a.N = static_cast<int>(s.N);
   a.H = static_cast<int>(s.H);
   a.W = static_cast<int>(s.W);
@@ -1130,8 +1148,8 @@ cudaError_t forward_t(const void* u_, void* out_, const Weights& w, void* ws, si
   GemmArgs<T> g{};
   g.a = s;
   g.amul = nullptr;
-  g.w3 = static_cast<const T*>(w.p[14]);
-  g.b3 = static_cast<const T*>(w.p[15]);
+  g.w3 = static_cast<const T*>(w.p[msca::kW3]);
+  g.b3 = static_cast<const T*>(w.p[msca::kB3]);
   g.gate = u;
   g.out = out;
   g.P = shape.N * shape.H * shape.W;
@@ -1166,8 +1184,8 @@ cudaError_t backward_t(const void* grad_, const void* u_, const Weights& w, void
   SEGNEXT_TRY(launch_dw_forward_auto<T>(u, s, w, shape, vec, stream));
   // 2. grad_u = g * (W3 s + b3); grad_s = (g * u) W3
   GemmArgs<T> g{};
-  g.w3 = static_cast<const T*>(w.p[14]);
-  g.b3 = static_cast<const T*>(w.p[15]);
+  g.w3 = static_cast<const T*>(w.p[msca::kW3]);
+  g.b3 = static_cast<const T*>(w.p[msca::kB3]);
   g.P = P;
   g.C = C;
   g.vec = vec;
@@ -1201,10 +1219,10 @@ cudaError_t backward_t(const void* grad_, const void* u_, const Weights& w, void
     SEGNEXT_TRY(cudaGetLastError());
     const int64_t cw = static_cast<int64_t>(C) * C;
     split_sum_kernel<T><<<static_cast<unsigned>(ceil_div(cw, 256)), 256, 0, stream>>>(
-        part_w3, static_cast<int>(l.nsplit), cw, static_cast<T*>(gw.p[14]));
+        part_w3, static_cast<int>(l.nsplit), cw, static_cast<T*>(gw.p[msca::kW3]));
     SEGNEXT_TRY(cudaGetLastError());
     split_sum_kernel<T><<<static_cast<unsigned>(ceil_div(C, 256)), 256, 0, stream>>>(
-        part_b3, static_cast<int>(l.nsplit), C, static_cast<T*>(gw.p[15]));
+        part_b3, static_cast<int>(l.nsplit), C, static_cast<T*>(gw.p[msca::kB3]));
     SEGNEXT_TRY(cudaGetLastError());
   }
   // 4. strips backward: grad_a (into s's buffer) and the strip weight-gradient partials
@@ -1233,7 +1251,7 @@ cudaError_t backward_t(const void* grad_, const void* u_, const Weights& w, void
   // 6. depthwise weight gradients: partials summed over tiles
   {
     DwGradOut<T> o{};
-    for (int i = 0; i < 14; ++i) o.p[i] = static_cast<T*>(gw.p[i]);
+    for (int i = 0; i < msca::kNumDepthwiseWeights; ++i) o.p[i] = static_cast<T*>(gw.p[i]);
     const int64_t n = static_cast<int64_t>(C) * kSlots;
     dw_weight_grad_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(
         part_dw, static_cast<int>(l.ntiles), C, o);

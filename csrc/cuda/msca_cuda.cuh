@@ -4,9 +4,8 @@
 // The tensor glue (checks, allocation, dtype dispatch, op registration) is msca_cuda_glue.cpp.
 //
 // Activations (u, out, grad, grad_u) are dense channels-last tensors: element (n, y, x, c) at
-// ((n * H + y) * W + x) * C + c. Weights are contiguous in their official shapes, in the op's
-// argument order (w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_2, w2_1, b2_1, w2_2, b2_2,
-// w3, b3), all of the activation dtype.
+// ((n * H + y) * W + x) * C + c. Weights are contiguous in their official shapes, in the order
+// of the weight contract (csrc/msca_weights.h), all of the activation dtype.
 #pragma once
 
 #include <cstddef>
@@ -14,12 +13,14 @@
 
 #include <cuda_runtime.h>
 
+#include "../msca_weights.h"
+
 namespace segnext {
 namespace msca_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-constexpr int kNumWeights = 16;
+constexpr int kNumWeights = msca::kNumWeights;
 
 struct Shape {
   int64_t N, H, W, C;

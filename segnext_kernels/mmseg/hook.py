@@ -11,7 +11,7 @@ from torch import nn
 from .. import available_backends, get_backend, set_backend
 from ..mlp.module import FusedMlp
 from ..msca.module import MSCA
-from ..nmf.module import NMF2D
+from ..nmf2d.module import NMF2D
 from ..patch import Replacement, patch
 
 _NMF_GRADS = ("unrolled", "one_step")

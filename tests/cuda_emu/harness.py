@@ -27,9 +27,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from segnext_kernels.msca.reference import MSCAWeights
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+CSRC_HEADERS = (ROOT / "csrc" / "msca_weights.h",)  # torch-free headers the .cuh includes
 BUILD_DIR = ROOT / "build" / "cuda_emu"
 
 # GCC's instrumentation, with our hooks instead of libtsan; no function entry/exit hooks, no
@@ -40,8 +43,7 @@ KERNEL_FLAGS = ("-std=c++17", "-O2", "-fno-strict-aliasing", "-fsanitize=thread"
 HOST_FLAGS = ("-std=c++17", "-O2", "-Wall")
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-WEIGHT_NAMES = ("w0", "b0", "w0_1", "b0_1", "w0_2", "b0_2", "w1_1", "b1_1", "w1_2", "b1_2",
-                "w2_1", "b2_1", "w2_2", "b2_2", "w3", "b3")
+WEIGHT_NAMES = MSCAWeights._fields  # the files msca_emu_main.cpp reads and writes
 
 
 class TranslateError(ValueError):
@@ -210,7 +212,7 @@ def build_executable(kernel_cu: pathlib.Path, main_cpp: pathlib.Path, *,
     kernel_cpp = translate(source, str(kernel_cu))
     includes = ("-I", str(HERE / "include"), "-I", str(HERE), "-I", str(kernel_cu.parent))
     headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")) + sorted(HERE.glob("include/*.h"))
-                      + sorted(kernel_cu.parent.glob("*.cuh")))
+                      + sorted(kernel_cu.parent.glob("*.cuh")) + list(CSRC_HEADERS))
     compiler = _compiler_id(cxx)
     host_key = _digest(compiler, " ".join(HOST_FLAGS), headers,
                        (HERE / "cuda_emu_runtime.cpp").read_text(), main_cpp.read_text())

@@ -22,15 +22,10 @@ namespace mc = segnext::msca_cuda;
 
 namespace {
 
-const char* const kWeightNames[mc::kNumWeights] = {"w0",   "b0",   "w0_1", "b0_1", "w0_2", "b0_2",
-                                                   "w1_1", "b1_1", "w1_2", "b1_2", "w2_1", "b2_1",
-                                                   "w2_2", "b2_2", "w3",   "b3"};
-
+// The weights' names (their files) and sizes: the contract of csrc/msca_weights.h.
+using segnext::msca::weight_name;
 size_t weight_elems(int i, int64_t C) {
-  static constexpr int kTaps[7] = {25, 7, 7, 11, 11, 21, 21};
-  if (i % 2 == 1) return static_cast<size_t>(C);
-  if (i == 14) return static_cast<size_t>(C * C);
-  return static_cast<size_t>(C * kTaps[i / 2]);
+  return static_cast<size_t>(segnext::msca::weight_numel(i, C));
 }
 
 std::vector<char> read_file(const std::string& path, size_t bytes) {
@@ -94,7 +89,7 @@ int main(int argc, char** argv) {
 
   mc::Weights w{};
   for (int i = 0; i < mc::kNumWeights; ++i)
-    w.p[i] = upload(in + "/" + kWeightNames[i] + ".bin", weight_elems(i, shape.C) * es, kWeightNames[i]);
+    w.p[i] = upload(in + "/" + weight_name(i) + ".bin", weight_elems(i, shape.C) * es, weight_name(i));
   const void* u = upload(in + "/u.bin", act, "u", off);
 
   cudaError_t err;
@@ -109,7 +104,7 @@ int main(int argc, char** argv) {
     void* gu = cuda_emu::device_malloc(act, "grad_u", off);
     mc::WeightGrads gw{};
     std::vector<std::string> names;
-    for (int i = 0; i < mc::kNumWeights; ++i) names.push_back(std::string("grad_") + kWeightNames[i]);
+    for (int i = 0; i < mc::kNumWeights; ++i) names.push_back(std::string("grad_") + weight_name(i));
     for (int i = 0; i < mc::kNumWeights; ++i)
       gw.p[i] = cuda_emu::device_malloc(weight_elems(i, shape.C) * es, names[i].c_str());
     const size_t ws_bytes = mc::backward_workspace_bytes(shape, dt);
@@ -118,7 +113,7 @@ int main(int argc, char** argv) {
     if (err == cudaSuccess) {
       download(out + "/grad_u.bin", gu, act);
       for (int i = 0; i < mc::kNumWeights; ++i)
-        download(out + "/g_" + kWeightNames[i] + ".bin", gw.p[i], weight_elems(i, shape.C) * es);
+        download(out + "/g_" + weight_name(i) + ".bin", gw.p[i], weight_elems(i, shape.C) * es);
     }
   }
   const std::string summary = cuda_emu::summary();

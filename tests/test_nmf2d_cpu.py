@@ -1,4 +1,4 @@
-"""The CPU NMF2D kernel (csrc/cpu/nmf_cpu.cpp, inference only) against the float64 reference.
+"""The CPU NMF2D kernel (csrc/cpu/nmf2d_cpu.cpp, inference only) against the float64 reference.
 
 Odd shapes (D not a multiple of the 16-lane vectors, R > N, N = 1, S > 1 groups, 0 steps),
 both memory formats, float32 / float64 and half-precision inputs, 1-3 threads (bitwise equal),
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import segnext_kernels as sk
-from segnext_kernels.nmf.reference import nmf_decompose_ref
+from segnext_kernels.nmf2d.reference import nmf_decompose_ref
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.op_backends().get("nmf2d", ()),
                                 reason="segnext_kernels._C has no CPU NMF kernel: "
@@ -51,7 +51,7 @@ def test_float32_matches_reference(shape, fmt, nthreads, threads):
     threads(nthreads)
     B, C, H, W, S, R, steps = shape
     x, bases = make(B, C, H, W, S, R, fmt=FORMATS[fmt])
-    y = torch.ops.segnext.nmf2d_fwd(x, bases.float(), S, steps, 1e-6, 1.0)
+    y = torch.ops.segnext_C.nmf2d_forward(x, bases.float(), S, steps, 1e-6, 1.0)
     assert y.dtype == torch.float32 and y.stride() == torch.empty_like(x).stride()
     assert rel_err(y, reference(x, bases, S, steps)) <= 1e-4
 
@@ -59,7 +59,7 @@ def test_float32_matches_reference(shape, fmt, nthreads, threads):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_float64_matches_reference(fmt):
     x, bases = make(2, 33, 5, 7, 1, 20, dtype=torch.float64, fmt=FORMATS[fmt])
-    y = torch.ops.segnext.nmf2d_fwd(x, bases, 1, 3, 1e-6, 1.0)
+    y = torch.ops.segnext_C.nmf2d_forward(x, bases, 1, 3, 1e-6, 1.0)
     assert y.dtype == torch.float64 and rel_err(y, reference(x, bases, 1, 3)) <= 1e-12
 
 
@@ -67,7 +67,7 @@ def test_float64_matches_reference(fmt):
 def test_half_inputs_are_read_as_they_are(dtype):
     # The reconstruction is float32, from the half values themselves (no float32 copy first).
     x, bases = make(1, 40, 13, 11, 2, 17, dtype=dtype)
-    y = torch.ops.segnext.nmf2d_fwd(x, bases.float(), 2, 5, 1e-6, 1.0)
+    y = torch.ops.segnext_C.nmf2d_forward(x, bases.float(), 2, 5, 1e-6, 1.0)
     assert y.dtype == torch.float32
     assert rel_err(y, reference(x.double(), bases, 2, 5)) <= 1e-4
 
@@ -77,7 +77,7 @@ def test_large_shapes_and_inv_t():
     # inv_t != 1 changes only the softmax init.
     x, bases = make(1, 256, 32, 40, 1, 16)
     for inv_t in (1.0, 0.5):
-        y = torch.ops.segnext.nmf2d_fwd(x, bases.float(), 1, 7, 1e-6, inv_t)
+        y = torch.ops.segnext_C.nmf2d_forward(x, bases.float(), 1, 7, 1e-6, inv_t)
         X = x.double().reshape(1, 256, -1)
         ref = nmf_decompose_ref(X, bases, 7, 1e-6, inv_t).reshape(x.shape)
         assert rel_err(y, ref) <= 1e-4, inv_t
@@ -88,15 +88,15 @@ def test_bitwise_identical_across_threads(threads):
     runs = []
     for n in (1, 2, 3):
         threads(n)
-        runs.append(torch.ops.segnext.nmf2d_fwd(x, bases.float(), 1, 7, 1e-6, 1.0))
+        runs.append(torch.ops.segnext_C.nmf2d_forward(x, bases.float(), 1, 7, 1e-6, 1.0))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 def test_poisoned_outputs_are_overwritten():
-    # SEGNEXT_POISON=1 (read once per process): the output and the coef state start as NaN.
+    # SEGNEXT_POISON=1 (in a fresh interpreter): the output and the coef state start as NaN.
     script = textwrap.dedent("""
         import torch, segnext_kernels as sk
-        from segnext_kernels.nmf.reference import nmf_decompose_ref
+        from segnext_kernels.nmf2d.reference import nmf_decompose_ref
         torch.manual_seed(0)
         for (B, C, H, W, S, R, steps), fmt in [((2, 33, 5, 7, 1, 20, 3), torch.channels_last),
                                                ((1, 12, 3, 3, 2, 5, 7), torch.contiguous_format),
@@ -104,7 +104,7 @@ def test_poisoned_outputs_are_overwritten():
             for dt in (torch.float32, torch.float64):
                 x = (torch.rand(B, C, H, W, dtype=dt) + 0.1).contiguous(memory_format=fmt)
                 bases = sk.draw_bases(B * S, C // S, R, device="cpu", dtype=dt)
-                y = torch.ops.segnext.nmf2d_fwd(x, bases, S, steps, 1e-6, 1.0)
+                y = torch.ops.segnext_C.nmf2d_forward(x, bases, S, steps, 1e-6, 1.0)
                 assert torch.isfinite(y).all(), (B, C, H, W, dt)
                 ref = nmf_decompose_ref(x.double().reshape(B * S, C // S, H * W), bases.double(),
                                         steps).reshape(B, C, H, W)
@@ -123,7 +123,7 @@ def test_negative_or_nan_input_as_the_reference(bad):
     there and nowhere else; a negative entry is decomposed as the reference does."""
     x, bases = make(2, 16, 6, 6, 1, 4)
     x[1, 5, 3, 2] = bad
-    y = torch.ops.segnext.nmf2d_fwd(x, bases.float(), 1, 2, 1e-6, 1.0)
+    y = torch.ops.segnext_C.nmf2d_forward(x, bases.float(), 1, 2, 1e-6, 1.0)
     ref = reference(x, bases, 1, 2)
     assert torch.isfinite(y[0]).all()
     if bad != bad:
@@ -135,7 +135,7 @@ def test_negative_or_nan_input_as_the_reference(bad):
 def test_bad_arguments_raise_clear_errors():
     x, bases = make(1, 16, 6, 6, 1, 4)
     b = bases.float()
-    op = torch.ops.segnext.nmf2d_fwd
+    op = torch.ops.segnext_C.nmf2d_forward
     with pytest.raises(ValueError, match="x must be 4-D"):
         op(x[0], b, 1, 2, 1e-6, 1.0)
     with pytest.raises(ValueError, match="S must be >= 1 and divide C = 16"):
@@ -209,4 +209,4 @@ def test_compiles_without_graph_breaks():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_opcheck(fmt):
     x, bases = make(1, 20, 5, 3, 2, 4, fmt=FORMATS[fmt])
-    torch.library.opcheck(torch.ops.segnext.nmf2d_cpu.default, (x, bases.float(), 2, 3, 1e-6, 1.0))
+    torch.library.opcheck(torch.ops.segnext.nmf2d_inference.default, (x, bases.float(), 2, 3, 1e-6, 1.0))

@@ -9,7 +9,7 @@
 //   B_{t+1} = B_t * (X C_{t+1}) / (B_t (C_{t+1}^T C_{t+1}) + eps)    t = 0..K-1
 //   Y = B_K C_{K+1}^T
 //
-// which is the reference's order of updates (segnext_kernels/nmf/reference.py).
+// which is the reference's order of updates (segnext_kernels/nmf2d/reference.py).
 //
 // * A channels-last map holds X^T: pixel rows of C channels, the group's D at offset s * D.
 //   So U = X^T B and Y^T = C B^T are GEMMs over pixel rows (gemm.h), and X C = (C^T X^T)^T is a
@@ -320,37 +320,38 @@ void nmf_forward(const at::Tensor& xcl, const at::Tensor& bases, at::Tensor& ycl
   }
 }
 
-at::Tensor nmf2d_fwd_cpu(const at::Tensor& x, const at::Tensor& bases, int64_t S, int64_t steps,
-                         double eps, double inv_t) {
-  TORCH_CHECK(x.device().is_cpu(), "nmf2d_fwd: x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 4, "nmf2d_fwd: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(S >= 1 && x.size(1) % S == 0, "nmf2d_fwd: S must be >= 1 and divide C = ",
+at::Tensor nmf2d_forward_cpu(const at::Tensor& x, const at::Tensor& bases, int64_t S,
+                             int64_t steps, double eps, double inv_t) {
+  constexpr const char* op = "nmf2d_forward";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(S >= 1 && x.size(1) % S == 0, op, ": S must be >= 1 and divide C = ",
                     x.size(1), ", got ", S);
-  TORCH_CHECK_VALUE(steps >= 0, "nmf2d_fwd: steps must be >= 0, got ", steps);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "nmf2d_fwd: eps must be finite and > 0, got ",
+  TORCH_CHECK_VALUE(steps >= 0, op, ": steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": eps must be finite and > 0, got ",
                     eps);
-  TORCH_CHECK_VALUE(std::isfinite(inv_t), "nmf2d_fwd: inv_t must be finite, got ", inv_t);
+  TORCH_CHECK_VALUE(std::isfinite(inv_t), op, ": inv_t must be finite, got ", inv_t);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
                        x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "nmf2d_fwd: x must be float32, float64, bfloat16 or float16, got ",
+                   op, ": x must be float32, float64, bfloat16 or float16, got ",
                    x.scalar_type());
   const int64_t B = x.size(0), D = x.size(1) / S;
   TORCH_CHECK_VALUE(bases.dim() == 3 && bases.size(0) == B * S && bases.size(1) == D &&
                         bases.size(2) >= 1,
-                    "nmf2d_fwd: bases must have shape (B*S, D, R) = (", B * S, ", ", D,
+                    op, ": bases must have shape (B*S, D, R) = (", B * S, ", ", D,
                     ", R), got ", bases.sizes());
-  TORCH_CHECK_TYPE(bases.scalar_type() == acc, "nmf2d_fwd: bases must be ", acc, " for x of ",
+  TORCH_CHECK_TYPE(bases.scalar_type() == acc, op, ": bases must be ", acc, " for x of ",
                    x.scalar_type(), ", got ", bases.scalar_type());
-  TORCH_CHECK(bases.device().is_cpu(), "nmf2d_fwd: bases must be a CPU tensor, got ",
+  TORCH_CHECK(bases.device().is_cpu(), op, ": bases must be a CPU tensor, got ",
               bases.device());
-  TORCH_CHECK_VALUE(x.numel() > 0, "nmf2d_fwd: x must not be empty, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, op, ": x must not be empty, got ", x.sizes());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor xcl = x.detach().contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor ycl = at::empty(xcl.sizes(), xcl.options().dtype(acc),
                              at::MemoryFormat::ChannelsLast);
   if (poison_outputs()) ycl.fill_(std::numeric_limits<double>::quiet_NaN());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmf2d_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     // Half inputs are read as they are; the reconstruction is in the accumulation type.
     nmf_forward<scalar_t, T>(xcl, bases.detach(), ycl, S, steps, static_cast<T>(eps),
@@ -364,6 +365,6 @@ at::Tensor nmf2d_fwd_cpu(const at::Tensor& x, const at::Tensor& bases, int64_t S
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(segnext, CPU, m) { m.impl("nmf2d_fwd", &nmf2d_fwd_cpu); }
+TORCH_LIBRARY_IMPL(segnext_C, CPU, m) { m.impl("nmf2d_forward", &nmf2d_forward_cpu); }
 
 }  // namespace segnext

@@ -1,4 +1,9 @@
-"""Depthwise strip convolution (1×k or k×1, 'same' padding, with bias): reference and _C op."""
+"""Depthwise strip convolution (1×k or k×1, 'same' padding, with bias): reference and _C op.
+
+Private: the model never calls it (MSCA fuses its strips). It is kept as the kernel of the
+benchmark's ``strip`` level, which measures one strip conv against oneDNN's depthwise conv, the
+unit every MSCA kernel is built from.
+"""
 from __future__ import annotations
 
 import torch
@@ -42,5 +47,5 @@ def strip_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         return strip_conv_ref(x, weight, bias)
     ran("strip_conv", name)
     x = x.contiguous(memory_format=memory_format_of(x))
-    return torch.ops.segnext.strip_conv(x, weight.contiguous(),
-                                        None if bias is None else bias.contiguous())
+    return torch.ops.segnext_C.strip_conv_forward(x, weight.contiguous(),
+                                                  None if bias is None else bias.contiguous())

@@ -9,97 +9,28 @@ Per batch item (X is D×N, bases B is D×R, coef C is N×R; K = ``steps``)::
     B_t = B_{t-1} ⊙ P_t ⊘ (B_{t-1} H_t + eps)        t = 1..K
     Y = B_K C_{K+1}ᵀ
 
-Design
-------
-Every step needs two reductions over the whole item: the coef update needs Xᵀ B (over D, local
-to a column block of X) and the bases update needs X C and CᵀC (over all N columns). So a step
-is two passes over X, as in the eager code, but each pass does everything that can be done with
-that X tile in registers:
+Two passes over X per step, each doing all that can be done with an X tile in registers: the
+coef pass (a program owns a chunk of N columns: U = Xᵀ B, the softmax init, the coef update,
+then the bases-update partials or, on the last step, Y) and the bases pass (a program owns D
+rows: sums the partials, updates B). Two launch modes share the passes: *persistent*
+(``nmf_forward_kernel``, one program per item, one launch per call) and *split* (two launches
+per step, for batches too small to fill the GPU). The backward (``nmf_backward``) reverses
+every update from the forward's saved R-column state; dX is written once at the end. All dots
+accumulate in float32 (``input_precision="ieee"``); any D, N, R ≥ 1, R padded to ``BR`` =
+max(16, next_pow2(R)) in registers. The design, the floor, the saved state, and the register
+budget each tile is sized for: docs/nmf.md#fused-triton-kernels.
 
-- **coef pass** (a program owns a chunk of N columns): for each column block, U = Xᵀ B (loop
-  over D), the softmax init on the first step (it shares U_0 with the first update) and the
-  coef update; then, from the new coef rows it stored (still in L2), either the bases-update
-  partials (CᵀC, and X C over its columns — a D-outer loop over the same X columns) or, on the
-  last step, the reconstruction Y = B Cᵀ. G = BᵀB is recomputed per program (D·R² flops:
-  cheap) into a small scratch buffer.
-- **bases pass** (a program owns D rows): sums the chunks' partials and applies the bases
-  update; B (D×R), the partial sums and the R×R Grams stay in L2.
-
-Two launch modes share these passes (``@triton.jit`` helpers):
-
-- *persistent*: ``nmf_forward_kernel``, grid = (items,), one launch per call: each program loops
-  over all steps, passes separated by ``tl.debug_barrier`` (a program only reads what it wrote
-  itself). Used when the items alone fill the GPU, and under the interpreter (fewest programs).
-- *split*: grid = (items, N chunks) for the coef pass and (items, D blocks) for the bases pass,
-  two launches per step (2K+1 per call, against ≈90 for eager PyTorch), for small batches where
-  one program per item would leave most SMs idle. A grid-wide barrier inside one launch would
-  deadlock under the interpreter (programs run one after another) and is not portable, so the
-  cross-program reduction over N goes through a launch boundary.
-
-Floor (H100 SXM, SegNeXt-T head: 16 items, D=256, N=4096, R=16, 7 steps): 16 skinny GEMMs of
-2·N·D·R per item (8 Xᵀ B — the init shares the first —, 7 X C, the reconstruction) = 8.6 GFLOP.
-With float32 ``input_precision="ieee"`` (needed to match the reference to float32 rounding) the
-dots run on CUDA cores: ≈67 TFLOP/s → ≈130 µs. X in float32 is 67 MB, more than the 50 MB L2,
-and is read 15 times (2 per step + 1): ≈1 GB, ≈300 µs at 3.35 TB/s if nothing hits L2 — so the
-fp32 call is memory-bound, ≈150–300 µs, and the gain over eager PyTorch (≈90 launches, an extra
-init GEMM, ~40 elementwise passes over N×R/D×R tensors) is launches and passes, not FLOPs. For
-inference batches (2 items, 8 MB) X stays in L2 and the floor drops towards the compute bound.
-One program per item (the persistent mode) would use 16 of 132 SMs (≈8× the compute floor), so
-it is only chosen when the items alone fill the GPU; the split mode needs 2K+1 launches
-(≈15 × 2–4 µs).
-
-Backward (``nmf_backward``): reverse-mode through every update, fused the same way, from the
-forward's saved per-step state only: bases B_0..B_K, coefs C_0..C_{K+1}, numerators U_0..U_K,
-P_1..P_K (D×R) and H_1..H_K (R×R) — all of R columns; no product of X size is saved. Reverse
-step k (k = K+1..1) is again one pass over N chunks (``coef_grad_pass``: Xᵀ dP_k finishes dC_k,
-then the coef-update backward, dU, dG partials, and X dU partials via a D-outer loop) and one
-over D blocks (``bases_grad_pass``: finishes dB, the bases-update backward, dP, dH partials).
-dX = Σ_t B_t dU_tᵀ + Σ_k dP_k C_kᵀ is written once, at the end, by ``dx_pass`` (one pass over
-D×N, never read-modify-written). ``one_step`` runs only the last reverse step, without bases.
-Cost: per reverse step 2 GEMMs over X (Xᵀ dP, X dU) + 2 rank-R terms of dX ≈ 2× the forward.
-Saved per item: (2K+1)·D·R + (2K+3)·N·R + K·R² floats (coef and U dominate) — measured
-3.96 MiB against autograd's 7.64 MiB for D=256, N=4096, R=16, K=6 (16.7 vs 32.2 MiB for D=512,
-R=64), X excluded (both keep it). Dropping U (recomputed from the X tile that the reverse pass
-loads anyway, +1 GEMM per step) would halve it again.
-
-All dots accumulate in float32 with ``input_precision="ieee"``; eps stays float32. Loads and
-stores are masked for any D, N, R ≥ 1; R is padded to ``BR`` = max(16, next_pow2(R)) in
-registers (padded columns of B and C are exact zeros, the softmax masks them with -inf).
-
-Registers (sm_80 and sm_90, every supported Triton: no spills in any kernel as launched, up to
-BR = 128). An ieee float32
-``tl.dot`` runs on the FMA units with both operands staged through shared memory, and ptxas
-loads a thread's whole share of them into registers before the FMAs: K·(rows + columns of the
-thread's output block), 512 values for a 64×64×64 dot at 8 warps. So no contraction over the
-rank is one dot: each runs in K slices of ``KC`` = 16 loaded from memory (G, dH + dHᵀ, dG + dGᵀ
-from a per-program scratch, dV and dW from the carry rows they replace, U and C from their
-buffers), in loops kept rolled, and every R×R result (G, CᵀC, dG, dH, their sums) is built in
-16-row slices rather than held whole. No tile lives across a loop it is not used in (U and C go
-through memory between phases); C_0 reaches the first update through memory (a register C_0
-feeding a dot gets rematerialised in the dot-operand layout: the whole K row per thread); and
-loop-invariant address math is not hoisted (``disable_licm``: a pointer per element per tile
-would stay live). GPU tiles (``_gpu_block_sizes``), all at 8 warps: BLOCK_D × BLOCK_N = 64×64
-for BR = 16, 64×32 for BR = 32 (an N×R tile of 4 registers per thread, as at BR = 16), 32×32
-for BR = 64 and 128, where an N×R or D×R tile is 8 registers per thread at BR = 64. The register budget is pinned with ``maxnreg`` (``_launch_options``): up to BR = 64,
-128 (two programs, 16 warps per SM) where the kernel fits it, else 168 (the persistent
-backward; every kernel with triton 3.7 and 3.8: ``_triton_compat.nmf_max_registers``). BR = 128
-takes up to ~200: 8 warps per SM.
-
-Debug switch: ``POISON_OUTPUTS`` (env ``SEGNEXT_POISON_OUTPUTS=1``) fills every buffer the
+Debug switch: ``SEGNEXT_POISON=1`` (segnext_kernels/_env.py) fills every buffer the
 launchers allocate with NaN first, so an unwritten element shows up in tests.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _triton_compat
+from .. import _env, _triton_compat
 
-POISON_OUTPUTS: bool = os.environ.get("SEGNEXT_POISON_OUTPUTS", "").strip().lower() in (
-    "1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,13 +588,13 @@ def nmf_dx_kernel(bases_hist, du_hist, dp_hist, coef_hist, dx_ptr, steps, D, N, 
 # launchers
 # --------------------------------------------------------------------------------------------
 def _new(shape, like: torch.Tensor) -> torch.Tensor:
-    if POISON_OUTPUTS:
+    if _env.poison():
         return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
     return torch.empty(shape, dtype=torch.float32, device=like.device)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+    return _env.triton_interpret()
 
 
 def _pow2_clamp(v: int, lo: int, hi: int) -> int:
@@ -685,7 +616,7 @@ def _launch_options(BR: int, persistent_backward: bool = False) -> dict:
 
 
 # Largest padded rank the kernels are tuned and checked for (sm_90: BR = 128 in ~200 registers,
-# ≤ 32 KB of shared memory, no spills); larger ranks run the reference (nmf/functional.py).
+# ≤ 32 KB of shared memory, no spills); larger ranks run the reference (nmf2d/functional.py).
 MAX_RANK = 128
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import segnext_kernels
-from segnext_kernels.nmf import triton as nmf_triton
-from segnext_kernels.nmf.reference import draw_bases, nmf_decompose_ref
+from segnext_kernels.nmf2d import triton as nmf_triton
+from segnext_kernels.nmf2d.reference import draw_bases, nmf_decompose_ref
 from segnext_kernels.ops import nmf2d_op
 
 import compile_launches
@@ -125,7 +125,7 @@ def test_gpu_block_sizes_rank_32(monkeypatch, grad):
 
 def test_poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: nothing unwritten may leak out."""
-    monkeypatch.setattr(nmf_triton, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("SEGNEXT_POISON", "1")
     for (b, D, N, R, steps, chunks) in [(2, 20, 37, 3, 2, 1), (1, 20, 37, 3, 2, 2),
                                         (2, 8, 5, 16, 0, 1), (1, 8, 40, 16, 1, 2)]:
         X = torch.rand(b, D, N, device=DEV)

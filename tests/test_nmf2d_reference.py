@@ -55,7 +55,7 @@ def test_gradcheck_unrolled():
 def test_one_step_gradient_is_that_of_the_last_update_with_frozen_state():
     """one_step differentiates g(x) = B* coef_update(x, B*, C*)ᵀ with the iterated bases B* and
     coef C* held constant (HamNet's one-step gradient): gradcheck g, then compare."""
-    from segnext_kernels.nmf.reference import coef_update, nmf_iterate
+    from segnext_kernels.nmf2d.reference import coef_update, nmf_iterate
     x = (torch.rand(1, 4, 3, 2, dtype=torch.float64) + 0.1).requires_grad_()
     bases = sk.draw_bases(1, 4, 2, device="cpu", dtype=torch.float64)
     with torch.no_grad():

@@ -118,13 +118,13 @@ def nmf2d(x: Tensor, *, R: int, steps: int, S: int = 1, bases: Tensor | None = N
                    if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
     with no_autocast:
         if name == "cpu":  # ---- the cpu kernel: on the (B, C, H, W) map itself, inference only
-            from ..ops import nmf2d_cpu
+            from ..ops import nmf2d_inference
             if bases is None:
                 bases = draw_bases(B * S, D, R, device=x.device, generator=generator, dtype=cdtype)
             else:
                 _check_bases(bases, x, (B * S, D, R))
                 _check_values("bases", bases)
-            return nmf2d_cpu(x, bases.to(cdtype), S, steps, eps, inv_t).to(x.dtype)
+            return nmf2d_inference(x, bases.to(cdtype), S, steps, eps, inv_t).to(x.dtype)
         X = x.reshape(B * S, D, N).to(cdtype)
         if bases is None:
             bases = draw_bases(B * S, D, R, device=x.device, generator=generator, dtype=cdtype)
