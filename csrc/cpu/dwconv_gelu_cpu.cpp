@@ -32,6 +32,7 @@
 
 #include "dwconv_gelu.h"
 #include "device_check.h"
+#include "layout.h"
 #include "poison.h"
 #include "simd.h"
 
@@ -288,22 +289,6 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
               op, ": weight and bias must have x's dtype ", x.scalar_type(), ", got ",
               weight.scalar_type(), " and ", bias.scalar_type());
-}
-
-// The layout the kernels run in: channels-last when x is laid out so, else NCHW (x strided
-// otherwise is copied once).
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
-// Writes `computed` (channels-last) into a tensor with empty_like(like)'s strides.
-at::Tensor in_format_of(const at::Tensor& computed, const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
-  if (out.strides() == computed.strides()) return computed;
-  out.copy_(computed);
-  return out;
 }
 
 at::Tensor dwconv_gelu_forward_cpu(const at::Tensor& x, const at::Tensor& weight,

@@ -30,6 +30,7 @@
 #include "dwconv_gelu.h"
 #include "device_check.h"
 #include "gemm.h"
+#include "layout.h"
 #include "poison.h"
 #include "scratch.h"
 #include "simd.h"
@@ -200,10 +201,7 @@ at::Tensor mlp_forward_cpu(const at::Tensor& x, at::TensorList weights) {
     const auto w2p = packed_weight<T>(w2, f.Cp);
     mlp_forward_cl<scalar_t, T, T>(xc, *w1p, f, *w2p, b2.detach(), y);
   });
-  at::Tensor out = at::empty_like(x);
-  if (out.strides() == y.strides()) return y;
-  out.copy_(y);
-  return out;
+  return in_format_of(y, x);
 }
 
 }  // namespace

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "layout.h"
 #include "poison.h"
 #include "scratch.h"
 #include "simd.h"
@@ -357,10 +358,7 @@ at::Tensor nmf2d_forward_cpu(const at::Tensor& x, const at::Tensor& bases, int64
     nmf_forward<scalar_t, T>(xcl, bases.detach(), ycl, S, steps, static_cast<T>(eps),
                              static_cast<T>(inv_t));
   });
-  at::Tensor out = at::empty_like(x, x.options().dtype(acc));
-  if (out.strides() == ycl.strides()) return ycl;
-  out.copy_(ycl);
-  return out;
+  return in_format_of(ycl, x, acc);
 }
 
 }  // namespace
