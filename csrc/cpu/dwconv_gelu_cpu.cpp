@@ -181,29 +181,39 @@ inline void plane_filter(const PackedFilter<T>& f, int64_t c, vec_t<T> wk[kTaps]
   bias = vsplat(f.bias[c]);
 }
 
+// NCHW: body(plane, wk, bias, store) for each of the B * C planes, in parallel; store is
+// `rows` rows of P padded values per thread, wk and bias the plane's filter.
+template <typename T, typename Body>
+void for_each_plane(const PackedFilter<T>& f, int64_t B, int64_t C, int rows, int64_t P,
+                    Body&& body) {
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> store(rows * P);
+    vec_t<T> wk[kTaps], bias;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_filter(f, plane % C, wk, bias);
+      body(plane, wk, bias, store.data());
+    }
+  });
+}
+
 template <typename scalar_t, typename T>
 void forward_nchw(const scalar_t* x, const PackedFilter<T>& f, scalar_t* y, int64_t B, int64_t C,
                   int64_t H, int64_t W) {
   constexpr int L = Lanes<T>::L;
   const int64_t P = round_up(W, L) + 2;
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> store(3 * P);
-    vec_t<T> wk[kTaps], bias;
-    for (int64_t plane = begin; plane < end; ++plane) {
-      plane_filter(f, plane % C, wk, bias);
-      const scalar_t* xp = x + plane * H * W;
-      scalar_t* yp = y + plane * H * W;
-      T* rows[3] = {store.data(), store.data() + P, store.data() + 2 * P};
-      padded_row<T, scalar_t>(nullptr, W, P, rows[0]);
-      padded_row(xp, W, P, rows[1]);
-      for (int64_t h = 0; h < H; ++h) {
-        padded_row(h + 1 < H ? xp + (h + 1) * W : nullptr, W, P, rows[2]);
-        for (int64_t w0 = 0; w0 < W; w0 += L) {
-          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
-          store_lanes<T>(yp + h * W + w0, vgelu(conv_padded(rows, wk, bias, w0)), n);
-        }
-        std::rotate(rows, rows + 1, rows + 3);
+  for_each_plane(f, B, C, 3, P, [&](int64_t plane, const vec_t<T>* wk, vec_t<T> bias, T* store) {
+    const scalar_t* xp = x + plane * H * W;
+    scalar_t* yp = y + plane * H * W;
+    T* rows[3] = {store, store + P, store + 2 * P};
+    padded_row<T, scalar_t>(nullptr, W, P, rows[0]);
+    padded_row(xp, W, P, rows[1]);
+    for (int64_t h = 0; h < H; ++h) {
+      padded_row(h + 1 < H ? xp + (h + 1) * W : nullptr, W, P, rows[2]);
+      for (int64_t w0 = 0; w0 < W; w0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+        store_lanes<T>(yp + h * W + w0, vgelu(conv_padded(rows, wk, bias, w0)), n);
       }
+      std::rotate(rows, rows + 1, rows + 3);
     }
   });
 }
@@ -215,63 +225,58 @@ void backward_nchw(const scalar_t* gy, const scalar_t* x, const PackedFilter<T>&
                    T* partials, int64_t B, int64_t C, int64_t H, int64_t W) {
   constexpr int L = Lanes<T>::L;
   const int64_t P = round_up(W, L) + 2;
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> store(7 * P);
-    vec_t<T> wk[kTaps], bias;
-    for (int64_t plane = begin; plane < end; ++plane) {
-      plane_filter(f, plane % C, wk, bias);
-      const scalar_t* xp = x + plane * H * W;
-      const scalar_t* gp = gy + plane * H * W;
-      scalar_t* gxp = gx + plane * H * W;
-      auto x_row = [&](int64_t r) { return r >= 0 && r < H ? xp + r * W : nullptr; };
-      // xr: padded x rows h - 1 .. h + 2; gz: padded grad_z rows h - 1 .. h + 1.
-      T* xr[4] = {store.data(), store.data() + P, store.data() + 2 * P, store.data() + 3 * P};
-      T* gz[3] = {store.data() + 4 * P, store.data() + 5 * P, store.data() + 6 * P};
-      // grad_z of row r from the padded x rows r - 1 .. r + 1; zero pads kept zero.
-      auto grad_z_row = [&](int64_t r, const T* const rows[3], T* dst) {
-        std::fill(dst, dst + P, T(0));
-        if (r < 0 || r >= H) return;
-        for (int64_t w0 = 0; w0 < W; w0 += L) {
-          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
-          const vec_t<T> g = load_lanes<T>(gp + r * W + w0, n);  // zero past the row's end
-          vstoreu(dst + w0 + 1, g * vgelu_grad(conv_padded(rows, wk, bias, w0)));
-        }
-        std::fill(dst + W + 1, dst + P, T(0));
-      };
-      padded_row<T, scalar_t>(nullptr, W, P, xr[0]);
-      padded_row(x_row(0), W, P, xr[1]);
-      padded_row(x_row(1), W, P, xr[2]);
-      std::fill(gz[0], gz[0] + P, T(0));
-      grad_z_row(0, xr, gz[1]);
-      vec_t<T> gw[kTaps + 1];
-      for (auto& v : gw) v = vsplat(T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        padded_row(x_row(h + 2), W, P, xr[3]);
-        grad_z_row(h + 1, xr + 1, gz[2]);
-        for (int64_t w0 = 0; w0 < W; w0 += L) {
-          const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
-          //   grad_x[h][w] = sum_ij w_ij grad_z[h - i + 1][w - j + 1]
-          vec_t<T> acc = vsplat(T(0));
-          for (int i = 0; i < 3; ++i) {
-            for (int j = 0; j < 3; ++j) acc += wk[i * 3 + j] * vloadu(gz[2 - i] + w0 + 2 - j);
-          }
-          store_lanes<T>(gxp + h * W + w0, acc, n);
-          //   grad_w_ij += x[h + i - 1][w + j - 1] grad_z[h][w]   (grad_z is 0 past the end)
-          const vec_t<T> g = vloadu(gz[1] + w0 + 1);
-          for (int i = 0; i < 3; ++i) {
-            for (int j = 0; j < 3; ++j) gw[i * 3 + j] += g * vloadu(xr[i] + w0 + j);
-          }
-          gw[kTaps] += g;
-        }
-        std::rotate(xr, xr + 1, xr + 4);
-        std::rotate(gz, gz + 1, gz + 3);
+  for_each_plane(f, B, C, 7, P, [&](int64_t plane, const vec_t<T>* wk, vec_t<T> bias, T* store) {
+    const scalar_t* xp = x + plane * H * W;
+    const scalar_t* gp = gy + plane * H * W;
+    scalar_t* gxp = gx + plane * H * W;
+    auto x_row = [&](int64_t r) { return r >= 0 && r < H ? xp + r * W : nullptr; };
+    // xr: padded x rows h - 1 .. h + 2; gz: padded grad_z rows h - 1 .. h + 1.
+    T* xr[4] = {store, store + P, store + 2 * P, store + 3 * P};
+    T* gz[3] = {store + 4 * P, store + 5 * P, store + 6 * P};
+    // grad_z of row r from the padded x rows r - 1 .. r + 1; zero pads kept zero.
+    auto grad_z_row = [&](int64_t r, const T* const rows[3], T* dst) {
+      std::fill(dst, dst + P, T(0));
+      if (r < 0 || r >= H) return;
+      for (int64_t w0 = 0; w0 < W; w0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+        const vec_t<T> g = load_lanes<T>(gp + r * W + w0, n);  // zero past the row's end
+        vstoreu(dst + w0 + 1, g * vgelu_grad(conv_padded(rows, wk, bias, w0)));
       }
-      T* part = partials + plane * (kTaps + 1);
-      for (int k = 0; k <= kTaps; ++k) {
-        T sum = T(0);
-        for (int l = 0; l < L; ++l) sum += gw[k][l];
-        part[k] = sum;
+      std::fill(dst + W + 1, dst + P, T(0));
+    };
+    padded_row<T, scalar_t>(nullptr, W, P, xr[0]);
+    padded_row(x_row(0), W, P, xr[1]);
+    padded_row(x_row(1), W, P, xr[2]);
+    std::fill(gz[0], gz[0] + P, T(0));
+    grad_z_row(0, xr, gz[1]);
+    vec_t<T> gw[kTaps + 1];
+    for (auto& v : gw) v = vsplat(T(0));
+    for (int64_t h = 0; h < H; ++h) {
+      padded_row(x_row(h + 2), W, P, xr[3]);
+      grad_z_row(h + 1, xr + 1, gz[2]);
+      for (int64_t w0 = 0; w0 < W; w0 += L) {
+        const int n = static_cast<int>(std::min<int64_t>(L, W - w0));
+        //   grad_x[h][w] = sum_ij w_ij grad_z[h - i + 1][w - j + 1]
+        vec_t<T> acc = vsplat(T(0));
+        for (int i = 0; i < 3; ++i) {
+          for (int j = 0; j < 3; ++j) acc += wk[i * 3 + j] * vloadu(gz[2 - i] + w0 + 2 - j);
+        }
+        store_lanes<T>(gxp + h * W + w0, acc, n);
+        //   grad_w_ij += x[h + i - 1][w + j - 1] grad_z[h][w]   (grad_z is 0 past the end)
+        const vec_t<T> g = vloadu(gz[1] + w0 + 1);
+        for (int i = 0; i < 3; ++i) {
+          for (int j = 0; j < 3; ++j) gw[i * 3 + j] += g * vloadu(xr[i] + w0 + j);
+        }
+        gw[kTaps] += g;
       }
+      std::rotate(xr, xr + 1, xr + 4);
+      std::rotate(gz, gz + 1, gz + 3);
+    }
+    T* part = partials + plane * (kTaps + 1);
+    for (int k = 0; k <= kTaps; ++k) {
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += gw[k][l];
+      part[k] = sum;
     }
   });
 }

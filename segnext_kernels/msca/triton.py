@@ -59,6 +59,14 @@ def _dw_tiles(C: int, which: str, gpu: bool) -> dict:
     return cfg
 
 
+def _dw_grid(u: torch.Tensor, which: str):
+    """(tile config, its (TH, TW, BC), the tile counts along W, H and C) of a depthwise kernel."""
+    _, C, H, W = u.shape
+    cfg = _dw_tiles(C, which, _on_gpu(u))
+    TH, TW, BC = cfg["TH"], cfg["TW"], cfg["BC"]
+    return cfg, (TH, TW, BC), (triton.cdiv(W, TW), triton.cdiv(H, TH), triton.cdiv(C, BC))
+
+
 def _gemm_tiles(C: int, dtype: torch.dtype, gpu: bool) -> dict:
     """Tiles of the 1x1-conv kernels (tl.dot needs every dim >= 16). float32 runs the dot on
     CUDA cores ("ieee"), where ptxas holds a thread's share of both operands in registers
@@ -140,9 +148,7 @@ def _pack_dw_weights(dw_weights, CP: int) -> torch.Tensor:
 
 def _launch_dw_forward(u: torch.Tensor, s: torch.Tensor, dw_weights) -> None:
     Bn, C, H, W = u.shape
-    cfg = _dw_tiles(C, "dw", _on_gpu(u))
-    TH, TW, BC = cfg["TH"], cfg["TW"], cfg["BC"]
-    n_tw, n_th, n_cb = triton.cdiv(W, TW), triton.cdiv(H, TH), triton.cdiv(C, BC)
+    cfg, (TH, TW, BC), (n_tw, n_th, n_cb) = _dw_grid(u, "dw")
     n_tiles = n_tw * n_th * n_cb * Bn
     grid = _n_programs(n_tiles, u.device)
     scr = _scratch(grid * 2 * (TW + 2 * _HALO) * BC, u.device)
@@ -220,9 +226,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     gb3 = pb.sum(0).to(b3.dtype)
     del s
     # 4. strips backward -> da, strip weight-grad partials
-    cfg = _dw_tiles(C, "strip_bwd", _on_gpu(uu))
-    TH, TW, BC = cfg["TH"], cfg["TW"], cfg["BC"]
-    n_tw, n_th, n_cb = triton.cdiv(W, TW), triton.cdiv(H, TH), triton.cdiv(C, BC)
+    cfg, (TH, TW, BC), (n_tw, n_th, n_cb) = _dw_grid(uu, "strip_bwd")
     n_tiles = n_tw * n_th * n_cb * Bn
     nprog = _n_programs(n_tiles, uu.device)
     scr = _scratch(nprog * 8 * (TW + 2 * _HALO) * BC, uu.device)
@@ -235,9 +239,7 @@ def msca_backward(grad, u, w0, b0, w0_1, b0_1, w0_2, b0_2, w1_1, b1_1, w1_2, b1_
     psum = part.sum(0)   # [C, NPART], fixed order
     sl = {name: psum[:, o:o + n] for name, o, n in _STRIP_SLOTS}
     # 5. 5x5 backward: grad_u += dw5x5ᵀ(da); dw0, db0 partials
-    cfg = _dw_tiles(C, "dw5_bwd", _on_gpu(uu))
-    TH, TW, BC = cfg["TH"], cfg["TW"], cfg["BC"]
-    n_tw, n_th, n_cb = triton.cdiv(W, TW), triton.cdiv(H, TH), triton.cdiv(C, BC)
+    cfg, (TH, TW, BC), (n_tw, n_th, n_cb) = _dw_grid(uu, "dw5_bwd")
     part5 = _scratch(Bn * n_th * n_tw * C * 32, uu.device).view(Bn * n_th * n_tw, C, 32)
     msca_dw5_backward_kernel[(n_th * n_tw, n_cb, Bn)](
         uu, da, gu, _pack_dw_weights(dw_weights, n_cb * BC), part5, C, H, W, *uu.stride(), n_tw,
