@@ -30,6 +30,7 @@ from segnext.metrics import ConfusionMatrix
 from segnext_kernels import _extension
 from segnext_kernels._validate import check_one_device
 from segnext_kernels.nmf.functional import EPS_MIN, INV_T_MAX
+from utils import one_line_error
 
 Image = pytest.importorskip("PIL.Image", reason="image files are read with Pillow")
 
@@ -46,19 +47,6 @@ def deadline(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def one_line_error(capsys, prefix: str, *fragments: str) -> str:
-    """The single stderr line of a refused command, checked to start with ``prefix: error:``
-    and to hold every fragment."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prefix}: error: "), lines[0]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
