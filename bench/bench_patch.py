@@ -21,8 +21,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .bench_model import _images
 from .common import (amp_dtype_name, autocast_ctx, cycle, model_fused_backends, n_rotations,
-                     to_layout)
+                     timed_inference)
 from .runner import Case, Config, Variant
 
 NUM_CLASSES = 150
@@ -56,12 +57,7 @@ def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str, pat
 
     train = pass_ == "train"
     model = _official(size, cfg, layout, train, patched)
-    sets = []
-    for _ in range(n_rotations(batch * 3 * side * side * 4, cfg)):
-        img = to_layout(torch.randn(batch, 3, side, side, device=cfg.device), layout)
-        labels = torch.randint(0, NUM_CLASSES, (batch, side, side), device=cfg.device)
-        sets.append((img, labels))
-    nxt = cycle(sets)
+    nxt = cycle(_images(batch, side, cfg, layout, train))
     if train:
         opt = torch.optim.AdamW(model.parameters(), lr=6e-5)
 
@@ -78,11 +74,7 @@ def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str, pat
             return loss.detach()
         return step
 
-    def infer():
-        img, _ = nxt()
-        with torch.no_grad(), sk.use_backend(backend), autocast_ctx(cfg):
-            return model(img)
-    return infer
+    return timed_inference(model, nxt, backend, cfg)
 
 
 def _mmseg_missing() -> Optional[str]:
