@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from bench import (bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_strip_conv,
-                   roofline)
+from bench import (bench_block, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca, bench_nmf,
+                   bench_strip_conv, roofline)
 from bench.__main__ import main
 from bench.runner import LEVELS, Case, Config, Progress, Runner, Variant
 
@@ -99,6 +99,20 @@ def test_cli_list_and_bad_filter(capsys):
         main(["--levels", "nonsense"])
 
 
+def test_cli_levels_dwconv_gelu_and_mlp(capsys):
+    # One level per op: dwconv_gelu forward and forward+backward, the whole mlp forward; the
+    # level name "mlp" keeps working, its note names the dwconv_gelu level.
+    assert main(["--smoke", "--device", "cpu", "--list", "--levels", "mlp"]) == 0
+    listing = capsys.readouterr().out
+    assert "== mlp ==" in listing and "mlp/fwd/eager/cl  mlp B1 C8->32" in listing
+    assert "dwconv_gelu/" not in listing and "--levels dwconv_gelu,mlp" in listing
+    assert main(["--smoke", "--device", "cpu", "--list", "--levels", "dwconv_gelu"]) == 0
+    listing = capsys.readouterr().out
+    assert "== dwconv_gelu ==" in listing and "== mlp ==" not in listing
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert f"dwconv_gelu/{pass_}/eager/nchw  dwconv_gelu B1 C32 16x16" in listing
+
+
 def _cfg(**kw):
     return Config(device=torch.device("cpu"), dtype=torch.float32, size="smoke", **kw)
 
@@ -174,7 +188,8 @@ def _bench_params():
                  dtype=torch.float16 if HAS_CUDA else torch.float32, size="quick",
                  interpret=os.environ.get("TRITON_INTERPRET") == "1")
     params = []
-    for module in (bench_strip_conv, bench_msca, bench_mlp, bench_nmf, bench_block, bench_model):
+    for module in (bench_strip_conv, bench_msca, bench_dwconv_gelu, bench_mlp, bench_nmf, bench_block,
+                   bench_model):
         try:
             cases, _ = module.cases(cfg)
         except Exception:  # noqa: BLE001 - a level that cannot be built is not collected
