@@ -623,32 +623,6 @@ def test_inference_functions_refuse_bad_windows_and_images(tiny_segnext):
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m bench
-
-@pytest.mark.parametrize("argv,fragment", [
-    (["--threads", "-1"], "--threads must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
-    (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
-    (["--compile-budget", "nan"], "--compile-budget must be a finite number"),
-    (["--levels", ","], "--levels: unknown level"),
-    (["--levels", "msca,nonsense"], "'nonsense'"),
-    (["--out", "A_FILE"], "--out must be a folder"),
-])
-def test_bench_refuses_bad_arguments_in_one_line(argv, fragment, tmp_path, capsys):
-    from bench.__main__ import main as bench_main
-
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    threads = torch.get_num_threads()
-    with pytest.raises(SystemExit) as exit_info:
-        bench_main(["--smoke", "--list", *[str(a_file) if a == "A_FILE" else a for a in argv]])
-    assert exit_info.value.code == 2
-    one_line_error(capsys, "bench", fragment)
-    assert torch.get_num_threads() == threads
-
-
-# ---------------------------------------------------------------------------------------------
 # NMF arguments
 
 def test_nmf_eps_and_inv_t_out_of_float32_range_are_refused():

@@ -507,35 +507,6 @@ def test_mmcv_lite_stand_in():
 
 
 @needs_mmseg
-def test_bench_patch_level_times_mmseg_segnext():
-    """``python -m bench --levels patch`` has mmseg's SegNeXt-T rows, as is and hooked (built
-    here at the smoke size, where the bench itself leaves them out to stay quick)."""
-    import segnext_kernels as sk
-    from bench import bench_patch
-    from bench.common import model_fused_backends
-    from bench.runner import Config
-    cfg = Config(device=torch.device("cpu"), dtype=torch.float32, size="quick")
-    cases, notes = bench_patch.cases(cfg)
-    assert [c.pass_ for c in cases if c.shape.startswith("mmseg SegNeXt-T")] == ["infer", "train"]
-    assert any("SegNeXtKernelsHook" in n for n in notes)
-    cfg.size = "smoke"
-    assert not any(c.shape.startswith("mmseg") for c in bench_patch.cases(cfg)[0])
-    mm, _ = bench_patch._mmseg_cases(cfg, model_fused_backends(cfg)[0])
-    assert [c.pass_ for c in mm] == ["infer", "train"]
-    for case in mm:
-        names = [v.name for v in case.variants]
-        assert names[0] == "eager" and case.variants[0].baseline
-        if sk.available_backends()["cpu"].available:
-            assert "fused:cpu" in names
-        for v in case.variants:
-            if v.skip is None:
-                out = v.make()()
-                assert torch.isfinite(out).all()
-    model, _ = bench_patch._mmseg_model("t", 64, cfg, train=False, patched=True)
-    assert sum(isinstance(m, (sk.MSCA, sk.FusedMlp, sk.NMF2D)) for m in model.modules()) == 27
-
-
-@needs_mmseg
 def test_distributed_launcher_two_processes(workspace, tmp_path):
     """torch.distributed.run (what mmseg's tools/dist_train.sh runs) with 2 CPU processes,
     launcher='pytorch', DDP over gloo: each rank swaps 27 modules inside the DDP wrapper and
