@@ -11,7 +11,7 @@ from bench import (bench_block, bench_dwconv_gelu, bench_mlp, bench_model, bench
                    bench_strip_conv, roofline)
 from bench.__main__ import main
 from bench.runner import LEVELS, Case, Config, Progress, Runner, Variant
-from utils import one_line_error
+from utils import ignore_mmseg_warnings, one_line_error
 
 HAS_CUDA = torch.cuda.is_available()
 RESULT_KEYS = {"level", "pass", "shape", "params", "dtype", "variant", "layout", "backend",
@@ -247,6 +247,7 @@ def test_benchmark(benchmark, case, variant):
         benchmark(timed)
 
 
+@ignore_mmseg_warnings
 def test_bench_patch_level_times_mmseg_segnext():
     """``python -m bench --levels patch`` has mmseg's SegNeXt-T rows, as is and hooked (built
     here at the smoke size, where the bench itself leaves them out to stay quick)."""

@@ -30,15 +30,13 @@ import numpy as np
 import pytest
 import torch
 
+from utils import MMSEG_WARNINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_CONFIG = ROOT / "docs" / "mmseg" / "segnext_mscan-t_fused_ade20k-512x512.py"
 SWAPPED_T = {("MSCAAttention", "MSCA"): 13, ("Mlp", "FusedMlp"): 13, ("NMF2D", "NMF2D"): 1}
 SIDE = 64       # crop side (the config's is 512)
-# mmseg/mmengine/mmcv's own deprecation notes and "draw is False"-style messages
-pytestmark = [pytest.mark.filterwarnings(f"ignore::{kind}:{lib}")
-              for kind in ("UserWarning", "DeprecationWarning", "FutureWarning")
-              for lib in (r"mmseg\b.*", r"mmengine\b.*", r"mmcv\b.*")] + [
-    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
+pytestmark = MMSEG_WARNINGS
 N_IMAGES = 4
 
 

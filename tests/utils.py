@@ -8,6 +8,8 @@
 - ``run_poisoned``: a script in a fresh interpreter with ``SEGNEXT_POISON=1``; ``poisoned_inputs``:
   the inputs such scripts sweep.
 - ``one_line_error``: the one-line usage error of a refused command line.
+- ``MMSEG_WARNINGS`` / ``ignore_mmseg_warnings``: the warning filters of the tests that build
+  mmseg's models (a module's ``pytestmark`` / a test's decorator).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from segnext_kernels.msca.reference import msca_ref, weight_shapes
@@ -117,3 +120,17 @@ def one_line_error(capsys, prefix: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# mmseg/mmengine/mmcv's own deprecation notes and "draw is False"-style messages
+MMSEG_WARNINGS = [pytest.mark.filterwarnings(f"ignore::{kind}:{lib}")
+                  for kind in ("UserWarning", "DeprecationWarning", "FutureWarning")
+                  for lib in (r"mmseg\b.*", r"mmengine\b.*", r"mmcv\b.*")] + [
+    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
+
+
+def ignore_mmseg_warnings(test):
+    """``MMSEG_WARNINGS`` on one test."""
+    for mark in MMSEG_WARNINGS:
+        test = mark(test)
+    return test
