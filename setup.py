@@ -188,7 +188,9 @@ def _cmake_from_pip() -> str:
 
 
 setup(
-    packages=find_packages(include=["segnext_kernels*", "segnext*", "bench*"]),
+    # bench/ (``python -m bench``, run from the repository root) is not installed: a top-level
+    # package of that name would shadow users' own modules.
+    packages=find_packages(include=["segnext_kernels*", "segnext*"]),
     ext_modules=[CMakeExtension("segnext_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

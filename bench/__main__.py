@@ -66,8 +66,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shapes", choices=("default", "segnext"), default="default",
-                   help="op shapes of the msca, mlp and block levels: the default few, or "
-                        "'segnext': every stage of SegNeXt-T, -S and -B at 512x512, batch 1")
+                   help="op shapes of the msca, dwconv_gelu, mlp and block levels: the default "
+                        "few, or 'segnext': every stage of SegNeXt-T, -S and -B at 512x512, "
+                        "batch 1")
     p.add_argument("--list", action="store_true", help="list the cases and variants, run nothing")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -137,12 +138,13 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
-    from . import (bench_block, bench_deploy, bench_mlp, bench_model, bench_msca, bench_nmf,
-                   bench_patch, bench_strip_conv)
+    from . import (bench_block, bench_deploy, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca,
+                   bench_nmf, bench_patch, bench_strip_conv)
 
     builders = {
         "strip": [bench_strip_conv.cases],
         "msca": [bench_msca.cases],
+        "dwconv_gelu": [bench_dwconv_gelu.cases],
         "mlp": [bench_mlp.cases],
         "nmf": [bench_nmf.cases],
         "block": [bench_block.cases],

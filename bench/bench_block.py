@@ -14,22 +14,15 @@ from typing import List, Tuple
 import torch
 
 from . import roofline
-from .common import (amp_dtype_name, autocast_ctx, cycle, fused_variants, n_rotations,
-                     primary_layout, segnext_stage_shapes, to_layout)
-from .runner import Case, Config, Variant
+from .common import (amp_dtype_name, autocast_ctx, cycle, n_rotations, op_variants, stage_shapes,
+                     timed_inference, to_layout)
+from .runner import Case, Config
 
 
 def shapes(cfg: Config) -> List[Tuple[int, int, int, int, int]]:
     """(B, C, H, W, mlp_ratio) of MSCAN stages at 512x512 input."""
-    if cfg.op_shapes == "segnext":
-        return segnext_stage_shapes()
-    if cfg.size == "smoke":
-        return [(1, 8, 16, 16, 4)]
-    if cfg.cuda:
-        return [(16, 64, 128, 128, 8), (16, 320, 32, 32, 4)]   # MSCAN-B stages 1 and 3
-    if cfg.size == "quick":
-        return [(1, 64, 64, 64, 8)]                             # MSCAN-T stage 2
-    return [(2, 64, 64, 64, 8), (2, 160, 32, 32, 4)]           # MSCAN-T stages 2 and 3
+    return stage_shapes(cfg, quick=[(1, 64, 64, 64, 8)],                  # MSCAN-T stage 2
+                        full=[(2, 64, 64, 64, 8), (2, 160, 32, 32, 4)])  # MSCAN-T stages 2 and 3
 
 
 def _timed(dims, cfg: Config, layout: str, backward: bool, backend: str, compiled: bool):
@@ -59,11 +52,7 @@ def _timed(dims, cfg: Config, layout: str, backward: bool, backend: str, compile
             return torch.autograd.grad(out, [x] + params, g.to(out.dtype))
         return fwd_bwd
 
-    def fwd():
-        x, _ = nxt()
-        with torch.no_grad(), sk.use_backend(backend), autocast_ctx(cfg):
-            return run(x)
-    return fwd
+    return timed_inference(run, nxt, backend, cfg)
 
 
 def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
@@ -71,20 +60,13 @@ def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
     for dims in shapes(cfg):
         B, C, H, W, ratio = dims
         for backward in (False, True):
-            def mk(layout, backend="reference", compiled=False, dims=dims, backward=backward):
+            def make_for(layout, backend="reference", compiled=False, dims=dims, backward=backward):
                 return lambda: _timed(dims, cfg, layout, backward, backend, compiled)
-            variants = [Variant("eager", layout, "reference", baseline=True, make=mk(layout))
-                        for layout in ("nchw", "cl")]
-            if cfg.compile:
-                layout = primary_layout(cfg)
-                variants.append(Variant("compile", layout, "reference", compiles=True,
-                                        make=mk(layout, compiled=True)))
-            fused, fused_notes = fused_variants("msca", cfg, ("nchw", "cl"),
-                                                lambda b, layout, mk=mk: mk(layout, backend=b))
-            notes += fused_notes
+            variants, ns = op_variants("msca", cfg, make_for)
+            notes += ns
             out.append(Case(level="block", pass_="fwd+bwd" if backward else "fwd",
                             shape=f"B{B} C{C} {H}x{W} mlp x{ratio}",
                             params=dict(B=B, C=C, H=H, W=W, mlp_ratio=ratio),
-                            dtype=amp_dtype_name(cfg), variants=variants + fused,
+                            dtype=amp_dtype_name(cfg), variants=variants,
                             cost=roofline.block_cost(B, C, H, W, ratio, cfg.dtype, backward)))
     return out, list(dict.fromkeys(notes))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (SavedBytes, amp_dtype_name, autocast_ctx, cycle, model_fused_backends,
-                     n_rotations, to_layout)
+                     n_rotations, timed_inference, to_layout)
 from .runner import Case, Config, Variant
 
 NUM_CLASSES = 150
@@ -73,7 +73,6 @@ def _train_step(model, opt, cfg: Config, backend: str):
 
 def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str):
     import segnext
-    import segnext_kernels as sk
 
     train = pass_ == "train"
     model = _model(size, cfg, layout, train)
@@ -83,11 +82,7 @@ def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str):
         step = _train_step(model, opt, cfg, backend)
         return lambda: step(*nxt()).detach()
 
-    def infer():
-        img, _ = nxt()
-        with torch.no_grad(), sk.use_backend(backend), autocast_ctx(cfg):
-            return model(img)
-    return infer
+    return timed_inference(model, nxt, backend, cfg)
 
 
 def _variants(cfg: Config, make_for) -> Tuple[List[Variant], List[str]]:

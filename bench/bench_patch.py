@@ -1,5 +1,5 @@
 """Level "patch": the drop-in claim. SegNeXt written as the official code writes it
-(``bench/official_segnext.py``: eager depthwise convs, ``x.clone()`` gates, BN/layer-scale
+(``tests/official_segnext.py``: eager depthwise convs, ``x.clone()`` gates, BN/layer-scale
 blocks, mmseg NMF2D) timed as is and after ``segnext_kernels.patch(model)``, which swaps its
 13 (T) MSCA modules, its MLPs and its NMF2D for ours and changes nothing else: inference (eval,
 no grad) and a training step (forward, bilinear upsampling, cross-entropy, backward, AdamW).
@@ -16,13 +16,15 @@ the convolutions), only what ``patch`` replaces differs here.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .bench_model import _images
 from .common import (amp_dtype_name, autocast_ctx, cycle, model_fused_backends, n_rotations,
-                     to_layout)
+                     timed_inference)
 from .runner import Case, Config, Variant
 
 NUM_CLASSES = 150
@@ -35,12 +37,27 @@ def configs(cfg: Config) -> List[Tuple[str, str, int, int]]:
     return [c for c in model_configs(cfg) if c[0] == "t"]
 
 
+def official_segnext():
+    """tests/official_segnext.py, the transcription of the official SegNeXt that the tests check
+    ``patch`` with, loaded by its path (tests/ is no package), or the module the tests imported."""
+    import importlib.util
+    import sys
+
+    module = sys.modules.get("official_segnext")
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "tests" / "official_segnext.py"
+        spec = importlib.util.spec_from_file_location("official_segnext", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["official_segnext"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def _official(size: str, cfg: Config, layout: str, train: bool, patched: bool):
     import segnext_kernels as sk
 
-    from .official_segnext import OfficialSegNeXt
     torch.manual_seed(0)
-    model = OfficialSegNeXt(size, NUM_CLASSES).to(cfg.device)
+    model = official_segnext().OfficialSegNeXt(size, NUM_CLASSES).to(cfg.device)
     if layout == "cl":
         model = model.to(memory_format=torch.channels_last)
     model.train(train)
@@ -56,12 +73,7 @@ def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str, pat
 
     train = pass_ == "train"
     model = _official(size, cfg, layout, train, patched)
-    sets = []
-    for _ in range(n_rotations(batch * 3 * side * side * 4, cfg)):
-        img = to_layout(torch.randn(batch, 3, side, side, device=cfg.device), layout)
-        labels = torch.randint(0, NUM_CLASSES, (batch, side, side), device=cfg.device)
-        sets.append((img, labels))
-    nxt = cycle(sets)
+    nxt = cycle(_images(batch, side, cfg, layout, train))
     if train:
         opt = torch.optim.AdamW(model.parameters(), lr=6e-5)
 
@@ -78,11 +90,7 @@ def _timed(size, pass_, batch, side, cfg: Config, layout: str, backend: str, pat
             return loss.detach()
         return step
 
-    def infer():
-        img, _ = nxt()
-        with torch.no_grad(), sk.use_backend(backend), autocast_ctx(cfg):
-            return model(img)
-    return infer
+    return timed_inference(model, nxt, backend, cfg)
 
 
 def _mmseg_missing() -> Optional[str]:
@@ -98,8 +106,6 @@ def _mmseg_missing() -> Optional[str]:
 def _mmseg_model(size: str, side: int, cfg: Config, train: bool, patched: bool):
     """mmseg's SegNeXt built from mmseg's own config file (data preprocessor sized ``side``),
     and (``patched``) what SegNeXtKernelsHook does to it at before_run."""
-    from pathlib import Path
-
     from mmengine.config import Config as MMConfig
     from mmengine.registry import DefaultScope
 
@@ -211,7 +217,7 @@ def cases(cfg: Config) -> Tuple[List[Case], List[str]]:
                         params=dict(model=f"official_segnext_{size}", batch=batch, H=side,
                                     W=side),
                         dtype=amp_dtype_name(cfg), variants=variants, timer="step"))
-    notes.append("patch: the official-layout SegNeXt (bench/official_segnext.py) as is ('eager') "
+    notes.append("patch: the official-layout SegNeXt (tests/official_segnext.py) as is ('eager') "
                  "and after segnext_kernels.patch(model) ('fused:<backend>': MSCA, MLP and "
                  "NMF2D swapped, nothing else)")
     if cfg.size == "smoke":  # importing mmseg's models alone takes seconds; test_mmseg runs them

@@ -1,12 +1,15 @@
-"""Helpers shared by the benchmark modules: fused backends per op, layouts, input rotation,
-saved-activation accounting."""
+"""Helpers shared by the benchmark modules: op shapes, the variants of an op level, fused
+backends per op, layouts, input rotation and the timed callables built on it, saved-activation
+accounting."""
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, List, Optional, Tuple
+import math
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import roofline
 from .runner import Config, Variant
 
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
@@ -30,6 +33,20 @@ def segnext_stage_shapes(models: str = "tsb", image: int = 512) -> List[Tuple[in
     return out
 
 
+def stage_shapes(cfg: Config, quick: List[tuple], full: List[tuple]) -> List[tuple]:
+    """(B, C, H, W, mlp_ratio) of MSCAN stages at 512x512 input for a level built on them:
+    every stage of SegNeXt-T, -S and -B with ``--shapes segnext``; one tiny shape for the
+    smoke size; MSCAN-B stages 1 and 3 at batch 16 on CUDA; else the level's own ``quick`` or
+    ``full`` CPU shapes."""
+    if cfg.op_shapes == "segnext":
+        return segnext_stage_shapes()
+    if cfg.size == "smoke":
+        return [(1, 8, 16, 16, 4)]
+    if cfg.cuda:
+        return [(16, 64, 128, 128, 8), (16, 320, 32, 32, 4)]   # MSCAN-B stages 1 and 3
+    return quick if cfg.size == "quick" else full
+
+
 def primary_layout(cfg: Config) -> str:
     """The layout of the compile variants: channels_last, the faster eager layout on both
     cuDNN and oneDNN for these depthwise convs (docs/benchmarking.md#baselines)."""
@@ -50,6 +67,68 @@ def n_rotations(bytes_per_set: int, cfg: Config) -> int:
 def cycle(sets: List[tuple]) -> Callable[[], tuple]:
     it = itertools.cycle(sets)
     return lambda: next(it)
+
+
+def timed_op(fn: Callable, shape: Sequence[int], weights: List[torch.Tensor], cfg: Config,
+             layout: str, backward: bool) -> Callable[[], object]:
+    """``fn(x, *weights)`` as a timed callable on rotated random inputs ``x`` of ``shape`` (in
+    the suite dtype and ``layout``): the forward without grad or (``backward``) the forward
+    and the gradients of x and of the weights for a random output gradient."""
+    nbytes = math.prod(shape) * roofline.elsize(cfg.dtype) * (2 if backward else 1)
+    sets = []
+    for _ in range(n_rotations(nbytes, cfg)):
+        x = to_layout(torch.randn(shape, device=cfg.device, dtype=cfg.dtype), layout)
+        if backward:
+            g = to_layout(torch.randn(shape, device=cfg.device, dtype=cfg.dtype), layout)
+            sets.append((x.requires_grad_(True), g))
+        else:
+            sets.append((x,))
+    nxt = cycle(sets)
+    if backward:
+        def fwd_bwd():
+            x, g = nxt()
+            return torch.autograd.grad(fn(x, *weights), [x] + weights, g)
+        return fwd_bwd
+
+    def fwd():
+        with torch.no_grad():
+            return fn(nxt()[0], *weights)
+    return fwd
+
+
+def op_make(op: str, shape: Sequence[int], weights: Callable[[], List[torch.Tensor]],
+            cfg: Config, backward: bool) -> Callable:
+    """``make(layout, backend="reference", compiled=False)`` of the variants of an op level
+    (``op_variants``): ``segnext_kernels.<op>_ref`` (through ``torch.compile`` when
+    ``compiled``) or ``segnext_kernels.<op>`` on ``backend``, as ``timed_op`` on inputs of
+    ``shape`` with the tensors ``weights()`` makes."""
+    def make_for(layout, backend="reference", compiled=False):
+        def make():
+            import segnext_kernels as sk
+            if backend == "reference":
+                ref = getattr(sk, f"{op}_ref")
+                fn = torch.compile(ref, dynamic=False) if compiled else ref
+            else:
+                public = getattr(sk, op)
+
+                def fn(x, *w):
+                    return public(x, *w, backend=backend)
+            return timed_op(fn, shape, weights(), cfg, layout, backward)
+        return make
+    return make_for
+
+
+def timed_inference(run: Callable, nxt: Callable[[], tuple], backend: str,
+                    cfg: Config) -> Callable[[], object]:
+    """``run`` on the first tensor of the next input set as a timed callable: without grad, on
+    ``backend``, under the suite's autocast (the block, model and patch levels' inference)."""
+    import segnext_kernels as sk
+
+    def infer():
+        x = nxt()[0]
+        with torch.no_grad(), sk.use_backend(backend), autocast_ctx(cfg):
+            return run(x)
+    return infer
 
 
 def fused_backends(op: str, cfg: Config) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
@@ -100,6 +179,23 @@ def fused_variants(op: str, cfg: Config, layouts: Iterable[str], make_for: Calla
             variants.append(Variant("auto", layout, "auto", make=make_for("auto", layout),
                                     graph=graph))
     return variants, notes
+
+
+def op_variants(op: str, cfg: Config, make: Callable,
+                compiled: bool = True) -> Tuple[List[Variant], List[str]]:
+    """The variants of an op level's case, and notes: the eager reference in NCHW and
+    channels_last (the baselines), ``torch.compile`` of it in the primary layout (when
+    ``compiled`` and the run compiles), and ``fused_variants`` of ``op`` in both layouts.
+    ``make(layout, backend="reference", compiled=False)`` gives a variant's ``make``."""
+    variants = [Variant("eager", layout, "reference", baseline=True, make=make(layout))
+                for layout in ("nchw", "cl")]
+    if compiled and cfg.compile:
+        layout = primary_layout(cfg)
+        variants.append(Variant("compile", layout, "reference", compiles=True,
+                                make=make(layout, compiled=True)))
+    fused, notes = fused_variants(op, cfg, ("nchw", "cl"),
+                                  lambda backend, layout: make(layout, backend=backend))
+    return variants + fused, notes
 
 
 def model_fused_backends(cfg: Config) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:

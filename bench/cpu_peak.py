@@ -30,38 +30,43 @@ CHAINS_PER_THREAD = 12  # independent FMA chains: > FMA latency (4) x pipes (2)
 
 _SOURCE = r"""
 #include <stdint.h>
-/* 12 named accumulators (an array would be kept in memory, through the stack) */
+/* 12 named accumulators (an array would be kept in memory, through the stack); CHAINS_WITH
+   hands X further arguments */
 #define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define CHAINS_WITH(X, ...) X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__)           \
+    X(3, __VA_ARGS__) X(4, __VA_ARGS__) X(5, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__) \
+    X(8, __VA_ARGS__) X(9, __VA_ARGS__) X(10, __VA_ARGS__) X(11, __VA_ARGS__)
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#define DECL512(k) __m512 c##k = _mm512_set1_ps(0.5f + 0.01f * k);
-#define FMA512(k) c##k = _mm512_fmadd_ps(c##k, m, a);
-#define SUM512(k) s = _mm512_add_ps(s, c##k);
-__attribute__((target("avx512f")))
-static float chains_avx512(int64_t iters, float mul, float add) {
-    __m512 m = _mm512_set1_ps(mul), a = _mm512_set1_ps(add), s = _mm512_setzero_ps();
-    CHAINS(DECL512)
-    for (int64_t i = 0; i < iters; ++i) { CHAINS(FMA512) }
-    CHAINS(SUM512)
-    return _mm512_reduce_add_ps(s);
-}
+/* NAME(): the 12 chains in registers of the vector type V (intrinsics SET1, FMADD, ADD) on the
+   target ISA, their sum reduced to one float by REDUCE */
+#define DECL(k, V, SET1) V c##k = SET1(0.5f + 0.01f * k);
+#define FMA(k, FMADD) c##k = FMADD(c##k, m, a);
+#define SUM(k, ADD) s = ADD(s, c##k);
+#define CHAINS_FUNCTION(NAME, ISA, V, SET1, FMADD, ADD, REDUCE)          \
+    __attribute__((target(ISA)))                                         \
+    static float NAME(int64_t iters, float mul, float add) {             \
+        V m = SET1(mul), a = SET1(add), s = SET1(0.f);                   \
+        CHAINS_WITH(DECL, V, SET1)                                       \
+        for (int64_t i = 0; i < iters; ++i) { CHAINS_WITH(FMA, FMADD) }  \
+        CHAINS_WITH(SUM, ADD)                                            \
+        return REDUCE(s);                                                \
+    }
 
-#define DECL256(k) __m256 c##k = _mm256_set1_ps(0.5f + 0.01f * k);
-#define FMA256(k) c##k = _mm256_fmadd_ps(c##k, m, a);
-#define SUM256(k) s = _mm256_add_ps(s, c##k);
-__attribute__((target("avx2,fma")))
-static float chains_avx2(int64_t iters, float mul, float add) {
-    __m256 m = _mm256_set1_ps(mul), a = _mm256_set1_ps(add), s = _mm256_setzero_ps();
-    CHAINS(DECL256)
-    for (int64_t i = 0; i < iters; ++i) { CHAINS(FMA256) }
-    CHAINS(SUM256)
+__attribute__((target("avx2")))
+static inline float sum_avx2(__m256 s) {
     float out[8], t = 0.f;
     _mm256_storeu_ps(out, s);
     for (int j = 0; j < 8; ++j) t += out[j];
     return t;
 }
+
+CHAINS_FUNCTION(chains_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,
+                _mm512_reduce_add_ps)
+CHAINS_FUNCTION(chains_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                sum_avx2)
 #endif
 
 typedef float v4 __attribute__((vector_size(16)));

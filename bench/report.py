@@ -19,6 +19,8 @@ from .timing import format_time
 LEVEL_TITLES = {
     "strip": "single depthwise strip conv, forward",
     "msca": "MSCA, the whole op",
+    "dwconv_gelu": "the MLP's depthwise 3x3 conv + GELU",
+    "mlp": "the whole MSCAN MLP, inference",
     "nmf": "NMF2D decomposition (Hamburger)",
     "block": "one MSCAN block",
     "model": "SegNeXt, inference and training step",

@@ -21,7 +21,7 @@ from . import roofline
 from .timing import (Timing, format_time, time_cpu, time_cuda_events, time_cuda_graph,
                      time_do_bench)
 
-LEVELS = ("strip", "msca", "mlp", "nmf", "block", "model", "patch", "memory")
+LEVELS = ("strip", "msca", "dwconv_gelu", "mlp", "nmf", "block", "model", "patch", "memory")
 # Levels that run only when named in --levels: each case runs in subprocesses, exports and
 # compiles whole models (minutes).
 OPT_IN_LEVELS = ("deploy",)

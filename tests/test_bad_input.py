@@ -30,6 +30,7 @@ from segnext.metrics import ConfusionMatrix
 from segnext_kernels import _extension, _strip_conv
 from segnext_kernels._validate import check_one_device
 from segnext_kernels.nmf2d.functional import EPS_MIN, INV_T_MAX
+from utils import one_line_error
 
 Image = pytest.importorskip("PIL.Image", reason="image files are read with Pillow")
 
@@ -46,19 +47,6 @@ def deadline(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def one_line_error(capsys, prefix: str, *fragments: str) -> str:
-    """The single stderr line of a refused command, checked to start with ``prefix: error:``
-    and to hold every fragment."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prefix}: error: "), lines[0]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -633,32 +621,6 @@ def test_inference_functions_refuse_bad_windows_and_images(tiny_segnext):
         predict_labels(model, image[:1], "whole")
     with pytest.raises(ValueError, match="size must be two ints >= 1"):
         segnext.upsample_logits(torch.rand(1, 3, 4, 4), (0, 8))
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m bench
-
-@pytest.mark.parametrize("argv,fragment", [
-    (["--threads", "-1"], "--threads must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
-    (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
-    (["--compile-budget", "nan"], "--compile-budget must be a finite number"),
-    (["--levels", ","], "--levels: unknown level"),
-    (["--levels", "msca,nonsense"], "'nonsense'"),
-    (["--out", "A_FILE"], "--out must be a folder"),
-])
-def test_bench_refuses_bad_arguments_in_one_line(argv, fragment, tmp_path, capsys):
-    from bench.__main__ import main as bench_main
-
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    threads = torch.get_num_threads()
-    with pytest.raises(SystemExit) as exit_info:
-        bench_main(["--smoke", "--list", *[str(a_file) if a == "A_FILE" else a for a in argv]])
-    assert exit_info.value.code == 2
-    one_line_error(capsys, "bench", fragment)
-    assert torch.get_num_threads() == threads
 
 
 # ---------------------------------------------------------------------------------------------

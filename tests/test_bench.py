@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from bench import (bench_block, bench_mlp, bench_model, bench_msca, bench_nmf, bench_strip_conv,
-                   roofline)
+from bench import (bench_block, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca, bench_nmf,
+                   bench_strip_conv, roofline)
 from bench.__main__ import main
 from bench.runner import LEVELS, Case, Config, Progress, Runner, Variant
+from utils import ignore_mmseg_warnings, one_line_error
 
 HAS_CUDA = torch.cuda.is_available()
 RESULT_KEYS = {"level", "pass", "shape", "params", "dtype", "variant", "layout", "backend",
@@ -99,6 +100,41 @@ def test_cli_list_and_bad_filter(capsys):
         main(["--levels", "nonsense"])
 
 
+def test_cli_levels_dwconv_gelu_and_mlp(capsys):
+    # One level per op: dwconv_gelu forward and forward+backward, the whole mlp forward; the
+    # level name "mlp" keeps working, its note names the dwconv_gelu level.
+    assert main(["--smoke", "--device", "cpu", "--list", "--levels", "mlp"]) == 0
+    listing = capsys.readouterr().out
+    assert "== mlp ==" in listing and "mlp/fwd/eager/cl  mlp B1 C8->32" in listing
+    assert "dwconv_gelu/" not in listing and "--levels dwconv_gelu,mlp" in listing
+    assert main(["--smoke", "--device", "cpu", "--list", "--levels", "dwconv_gelu"]) == 0
+    listing = capsys.readouterr().out
+    assert "== dwconv_gelu ==" in listing and "== mlp ==" not in listing
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert f"dwconv_gelu/{pass_}/eager/nchw  dwconv_gelu B1 C32 16x16" in listing
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
+    (["--compile-budget", "nan"], "--compile-budget must be a finite number"),
+    (["--levels", ","], "--levels: unknown level"),
+    (["--levels", "msca,nonsense"], "'nonsense'"),
+    (["--out", "A_FILE"], "--out must be a folder"),
+])
+def test_bench_refuses_bad_arguments_in_one_line(argv, fragment, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--smoke", "--list", *[str(a_file) if a == "A_FILE" else a for a in argv]])
+    assert exit_info.value.code == 2
+    one_line_error(capsys, "bench", fragment)
+    assert torch.get_num_threads() == threads
+
+
 def _cfg(**kw):
     return Config(device=torch.device("cpu"), dtype=torch.float32, size="smoke", **kw)
 
@@ -174,7 +210,8 @@ def _bench_params():
                  dtype=torch.float16 if HAS_CUDA else torch.float32, size="quick",
                  interpret=os.environ.get("TRITON_INTERPRET") == "1")
     params = []
-    for module in (bench_strip_conv, bench_msca, bench_mlp, bench_nmf, bench_block, bench_model):
+    for module in (bench_strip_conv, bench_msca, bench_dwconv_gelu, bench_mlp, bench_nmf, bench_block,
+                   bench_model):
         try:
             cases, _ = module.cases(cfg)
         except Exception:  # noqa: BLE001 - a level that cannot be built is not collected
@@ -208,6 +245,38 @@ def test_benchmark(benchmark, case, variant):
         benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
     else:
         benchmark(timed)
+
+
+@ignore_mmseg_warnings
+def test_bench_patch_level_times_mmseg_segnext():
+    """``python -m bench --levels patch`` has mmseg's SegNeXt-T rows, as is and hooked (built
+    here at the smoke size, where the bench itself leaves them out to stay quick)."""
+    pytest.importorskip("mmengine", reason="mmsegmentation not installed "
+                        "(pip install -r requirements-mmseg.txt)")
+    pytest.importorskip("mmseg", reason="mmsegmentation not installed "
+                        "(pip install -r requirements-mmseg.txt)")
+    import segnext_kernels as sk
+    from bench import bench_patch
+    from bench.common import model_fused_backends
+    cfg = Config(device=torch.device("cpu"), dtype=torch.float32, size="quick")
+    cases, notes = bench_patch.cases(cfg)
+    assert [c.pass_ for c in cases if c.shape.startswith("mmseg SegNeXt-T")] == ["infer", "train"]
+    assert any("SegNeXtKernelsHook" in n for n in notes)
+    cfg.size = "smoke"
+    assert not any(c.shape.startswith("mmseg") for c in bench_patch.cases(cfg)[0])
+    mm, _ = bench_patch._mmseg_cases(cfg, model_fused_backends(cfg)[0])
+    assert [c.pass_ for c in mm] == ["infer", "train"]
+    for case in mm:
+        names = [v.name for v in case.variants]
+        assert names[0] == "eager" and case.variants[0].baseline
+        if sk.available_backends()["cpu"].available:
+            assert "fused:cpu" in names
+        for v in case.variants:
+            if v.skip is None:
+                out = v.make()()
+                assert torch.isfinite(out).all()
+    model, _ = bench_patch._mmseg_model("t", 64, cfg, train=False, patched=True)
+    assert sum(isinstance(m, (sk.MSCA, sk.FusedMlp, sk.NMF2D)) for m in model.modules()) == 27
 
 
 def test_cuda_table_columns_render_without_a_gpu():

@@ -5,24 +5,17 @@ per-stage squeeze, the fused 1x1 convs) against the reference backend, in both l
 bfloat16.
 """
 import gc
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import segnext_kernels as sk
 from segnext_kernels.mlp import mlp_ref
+from utils import FORMATS, rel_err, run_poisoned
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.op_backends().get("mlp", ()),
                                 reason="segnext_kernels._C has no CPU kernels: "
                                        + sk.available_backends()["cpu"].reason)
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def mlp_weights(C, hidden, seed=0):
@@ -61,7 +54,6 @@ def test_packed_weights_follow_in_place_writes_and_new_tensors():
 
 # ------------------------------------------------------------------------------------ conv1x1
 
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (B, K, H, W, N): channel tails on both sides (K odd: the float32 GEMM for bfloat16 too),
 # 1-pixel maps, primes, a SegNeXt width
 CONV_SHAPES = [(2, 17, 5, 7, 33), (1, 32, 3, 1, 16), (1, 3, 1, 1, 1), (3, 64, 11, 13, 64),
@@ -130,7 +122,7 @@ def test_conv1x1_with_a_gradient_runs_the_reference():
 
 
 def test_conv1x1_poisoned_output_is_overwritten():
-    script = textwrap.dedent("""
+    run_poisoned("""
         import torch, segnext_kernels as sk
         torch.manual_seed(0)
         for dt in (torch.float32, torch.bfloat16, torch.float64):
@@ -141,10 +133,6 @@ def test_conv1x1_poisoned_output_is_overwritten():
                 assert torch.isfinite(y).all(), (dt, shape)
         print("ok")
     """)
-    env = dict(os.environ, SEGNEXT_POISON="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

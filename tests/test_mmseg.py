@@ -30,15 +30,13 @@ import numpy as np
 import pytest
 import torch
 
+from utils import MMSEG_WARNINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_CONFIG = ROOT / "docs" / "mmseg" / "segnext_mscan-t_fused_ade20k-512x512.py"
 SWAPPED_T = {("MSCAAttention", "MSCA"): 13, ("Mlp", "FusedMlp"): 13, ("NMF2D", "NMF2D"): 1}
 SIDE = 64       # crop side (the config's is 512)
-# mmseg/mmengine/mmcv's own deprecation notes and "draw is False"-style messages
-pytestmark = [pytest.mark.filterwarnings(f"ignore::{kind}:{lib}")
-              for kind in ("UserWarning", "DeprecationWarning", "FutureWarning")
-              for lib in (r"mmseg\b.*", r"mmengine\b.*", r"mmcv\b.*")] + [
-    pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")]
+pytestmark = MMSEG_WARNINGS
 N_IMAGES = 4
 
 
@@ -504,35 +502,6 @@ def test_mmcv_lite_stand_in():
         mmcv.ops.point_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2))
     assert not hasattr(mmcv.ops, "__path__")  # dunder probes get AttributeError, not a raise
     import mmseg.models  # noqa: F401  (what the stand-in is for)
-
-
-@needs_mmseg
-def test_bench_patch_level_times_mmseg_segnext():
-    """``python -m bench --levels patch`` has mmseg's SegNeXt-T rows, as is and hooked (built
-    here at the smoke size, where the bench itself leaves them out to stay quick)."""
-    import segnext_kernels as sk
-    from bench import bench_patch
-    from bench.common import model_fused_backends
-    from bench.runner import Config
-    cfg = Config(device=torch.device("cpu"), dtype=torch.float32, size="quick")
-    cases, notes = bench_patch.cases(cfg)
-    assert [c.pass_ for c in cases if c.shape.startswith("mmseg SegNeXt-T")] == ["infer", "train"]
-    assert any("SegNeXtKernelsHook" in n for n in notes)
-    cfg.size = "smoke"
-    assert not any(c.shape.startswith("mmseg") for c in bench_patch.cases(cfg)[0])
-    mm, _ = bench_patch._mmseg_cases(cfg, model_fused_backends(cfg)[0])
-    assert [c.pass_ for c in mm] == ["infer", "train"]
-    for case in mm:
-        names = [v.name for v in case.variants]
-        assert names[0] == "eager" and case.variants[0].baseline
-        if sk.available_backends()["cpu"].available:
-            assert "fused:cpu" in names
-        for v in case.variants:
-            if v.skip is None:
-                out = v.make()()
-                assert torch.isfinite(out).all()
-    model, _ = bench_patch._mmseg_model("t", 64, cfg, train=False, patched=True)
-    assert sum(isinstance(m, (sk.MSCA, sk.FusedMlp, sk.NMF2D)) for m in model.modules()) == 27
 
 
 @needs_mmseg

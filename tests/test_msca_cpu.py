@@ -4,64 +4,24 @@ Forward and every gradient, on odd shapes, both memory formats, 1 and 2 threads,
 bfloat16 / float16 / float64; gradcheck and opcheck through the public op; poisoned outputs;
 determinism (bitwise, also across thread counts); the public module path; bad input.
 """
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import segnext_kernels as sk
-from segnext_kernels.msca.reference import MSCAWeights, msca_ref, weight_shapes
+from segnext_kernels.msca.reference import MSCAWeights, weight_shapes
+from utils import (FORMATS, check_all_close, msca_inputs, msca_reference, output_and_grads, rel_err,
+                   run_poisoned)
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in sk.op_backends().get("msca", ()),
     reason="segnext_kernels._C has no CPU kernel for msca: " + sk.available_backends()["cpu"].reason)
 
 NAMES = ("out", "grad_u") + tuple("grad_" + n for n in MSCAWeights._fields)
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-
-
-def make_inputs(B, C, H, W, dtype=torch.float64, fmt=torch.contiguous_format, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
-    g = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
-    ws = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.3 for s in weight_shapes(C)]
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return (cast(u).contiguous(memory_format=fmt), [cast(w) for w in ws],
-            cast(g).contiguous(memory_format=fmt))
-
-
-def reference(u, ws, g):
-    """Output and the 17 gradients of the float64 reference on float64 copies of the inputs."""
-    ud = u.detach().double().requires_grad_()
-    wd = [w.detach().double().requires_grad_() for w in ws]
-    out = msca_ref(ud, *wd)
-    grads = torch.autograd.grad(out, [ud] + wd, g.double())
-    return [out.detach()] + list(grads)
 
 
 def fused(u, ws, g):
     """Output and the 17 gradients through the public op (autograd -> msca_forward / msca_backward)."""
-    ul = u.detach().requires_grad_()
-    wl = [w.detach().requires_grad_() for w in ws]
-    out = sk.msca(ul, *wl, backend="cpu")
-    grads = torch.autograd.grad(out, [ul] + wl, g)
-    return [out.detach()] + list(grads)
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def assert_close(got, want, tol, what=""):
-    assert len(got) == len(want)
-    for name, a, r in zip(NAMES, got, want):
-        assert a.shape == r.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
-        assert torch.isfinite(a).all(), f"{what} {name}: non-finite values"
-        err = rel_err(a, r)
-        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol}"
+    return output_and_grads(lambda *t: sk.msca(*t, backend="cpu"), [u, *ws], g)
 
 
 # A covering subset of H, W in {1, 2, 5, 11, 23, 64} and C in {1, 3, 17, 64}: every value of
@@ -85,11 +45,12 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_float32_matches_reference(shape, fmt, nthreads, threads):
     threads(nthreads)
-    u, ws, g = make_inputs(*shape, dtype=torch.float32, fmt=FORMATS[fmt])
+    u, ws, g = msca_inputs(*shape, dtype=torch.float32, fmt=FORMATS[fmt])
     got = fused(u, ws, g)
     assert got[0].dtype == torch.float32
     assert got[0].stride() == torch.empty_like(u).stride()
-    assert_close(got, reference(u, ws, g), 1e-4, f"{shape} {fmt} threads={nthreads}")
+    check_all_close(NAMES, got, msca_reference(u, ws, g), 1e-4,
+                    f"{shape} {fmt} threads={nthreads}")
 
 
 @pytest.mark.parametrize("nthreads", [1, 2, 3])
@@ -98,8 +59,9 @@ def test_many_bands(nthreads, threads):
     # backward) cross several band boundaries.
     threads(nthreads)
     for shape in [(1, 8, 100, 9), (3, 5, 47, 3)]:
-        u, ws, g = make_inputs(*shape, dtype=torch.float32)
-        assert_close(fused(u, ws, g), reference(u, ws, g), 1e-4, f"{shape} threads={nthreads}")
+        u, ws, g = msca_inputs(*shape, dtype=torch.float32)
+        check_all_close(NAMES, fused(u, ws, g), msca_reference(u, ws, g), 1e-4,
+                        f"{shape} threads={nthreads}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -109,20 +71,20 @@ def test_many_bands(nthreads, threads):
 def test_low_precision_matches_reference(shape, fmt, dtype):
     # Storage in bf16/fp16, float32 inside: the error is about one rounding of each result
     # (bf16: 2^-9 ~ 2e-3 relative), against the reference run on the rounded inputs.
-    u, ws, g = make_inputs(*shape, dtype=dtype, fmt=FORMATS[fmt])
+    u, ws, g = msca_inputs(*shape, dtype=dtype, fmt=FORMATS[fmt])
     got = fused(u, ws, g)
     assert all(t.dtype == dtype for t in got)
-    assert_close(got, reference(u, ws, g), 1e-2, f"{shape} {fmt} {dtype}")
+    check_all_close(NAMES, got, msca_reference(u, ws, g), 1e-2, f"{shape} {fmt} {dtype}")
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_float64_matches_reference(fmt):
-    u, ws, g = make_inputs(2, 17, 23, 11, fmt=FORMATS[fmt])
-    assert_close(fused(u, ws, g), reference(u, ws, g), 1e-12, fmt)
+    u, ws, g = msca_inputs(2, 17, 23, 11, dtype=torch.float64, fmt=FORMATS[fmt])
+    check_all_close(NAMES, fused(u, ws, g), msca_reference(u, ws, g), 1e-12, fmt)
 
 
 def test_gradcheck():
-    u, ws, _ = make_inputs(1, 3, 6, 5)
+    u, ws, _ = msca_inputs(1, 3, 6, 5, dtype=torch.float64)
     inputs = [u.requires_grad_()] + [w.requires_grad_() for w in ws]
     assert torch.autograd.gradcheck(lambda *t: sk.msca(*t, backend="cpu"), inputs,
                                     eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -130,7 +92,7 @@ def test_gradcheck():
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_opcheck(fmt):
-    u, ws, _ = make_inputs(2, 3, 5, 7, dtype=torch.float32, fmt=FORMATS[fmt])
+    u, ws, _ = msca_inputs(2, 3, 5, 7, dtype=torch.float32, fmt=FORMATS[fmt])
     args = (u.requires_grad_(), [w.requires_grad_() for w in ws], "cpu")
     torch.library.opcheck(torch.ops.segnext.msca.default, args)
 
@@ -140,25 +102,25 @@ def test_raw_ops_strides_and_dtype():
     # including ambiguous layouts (C == 1, H == W == 1) and a non-contiguous view of u.
     for shape, fmt in [((2, 1, 5, 7), torch.channels_last), ((2, 5, 1, 1), torch.channels_last),
                        ((1, 3, 4, 6), torch.contiguous_format), ((2, 20, 3, 4), torch.channels_last)]:
-        u, ws, g = make_inputs(*shape, dtype=torch.float32, fmt=fmt)
+        u, ws, g = msca_inputs(*shape, dtype=torch.float32, fmt=fmt)
         out = torch.ops.segnext_C.msca_forward(u, ws)
         grads = torch.ops.segnext_C.msca_backward(g, u, ws)
         assert out.stride() == torch.empty_like(u).stride()
         assert grads[0].stride() == torch.empty_like(u).stride()
         assert [t.shape for t in grads[1:]] == [w.shape for w in ws]
-    u, _, g = make_inputs(2, 6, 9, 12, dtype=torch.float32)
-    _, ws, _ = make_inputs(2, 3, 9, 11, dtype=torch.float32)
+    u, _, g = msca_inputs(2, 6, 9, 12, dtype=torch.float32)
+    _, ws, _ = msca_inputs(2, 3, 9, 11, dtype=torch.float32)
     view = u[:, ::2, :, 1:]  # strided in C and offset in W
-    ref = reference(view, ws, g[:, ::2, :, 1:])
+    ref = msca_reference(view, ws, g[:, ::2, :, 1:])
     out = torch.ops.segnext_C.msca_forward(view, ws)
     assert out.stride() == torch.empty_like(view).stride()
     assert rel_err(out, ref[0]) <= 1e-4
     grads = torch.ops.segnext_C.msca_backward(g[:, ::2, :, 1:], view, ws)
-    assert_close([out] + list(grads), ref, 1e-4, "strided view")
+    check_all_close(NAMES, [out] + list(grads), ref, 1e-4, "strided view")
 
 
 def test_empty_batch():
-    u, ws, g = make_inputs(0, 4, 5, 6, dtype=torch.float32)
+    u, ws, g = msca_inputs(0, 4, 5, 6, dtype=torch.float32)
     assert torch.ops.segnext_C.msca_forward(u, ws).shape == u.shape
     grads = torch.ops.segnext_C.msca_backward(g, u, ws)
     assert grads[0].shape == u.shape and all((t == 0).all() for t in grads[1:])
@@ -168,35 +130,28 @@ def test_poisoned_outputs_are_overwritten():
     # SEGNEXT_POISON=1 makes the C++ ops fill their outputs with NaN before computing (here set
     # in the environment of a fresh interpreter, the way users set it): every element of every
     # output must be written.
-    script = textwrap.dedent("""
-        import torch, segnext_kernels as sk
+    run_poisoned("""
         from segnext_kernels.msca.reference import msca_ref, weight_shapes
-        torch.manual_seed(0)
-        for shape, fmt in [((2, 17, 11, 23), torch.channels_last), ((1, 3, 2, 64), torch.contiguous_format),
-                           ((1, 64, 40, 7), torch.channels_last), ((1, 1, 1, 1), torch.contiguous_format)]:
-            for dt in (torch.float32, torch.bfloat16, torch.float64):
-                u = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
-                g = torch.randn(shape).to(dt).contiguous(memory_format=fmt)
-                ws = [(torch.randn(s) * 0.3).to(dt) for s in weight_shapes(shape[1])]
-                out = torch.ops.segnext_C.msca_forward(u, ws)
-                grads = torch.ops.segnext_C.msca_backward(g, u, ws)
-                assert all(torch.isfinite(t).all() for t in [out, *grads]), (shape, dt)
-                ref = msca_ref(u.double(), *[w.double() for w in ws])
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-                assert err < (1e-2 if dt == torch.bfloat16 else 1e-4), (shape, dt, err)
+        for u, dt in poisoned_inputs([((2, 17, 11, 23), torch.channels_last),
+                                      ((1, 3, 2, 64), torch.contiguous_format),
+                                      ((1, 64, 40, 7), torch.channels_last),
+                                      ((1, 1, 1, 1), torch.contiguous_format)]):
+            g = torch.randn_like(u)
+            ws = [(torch.randn(s) * 0.3).to(dt) for s in weight_shapes(u.shape[1])]
+            out = torch.ops.segnext_C.msca_forward(u, ws)
+            grads = torch.ops.segnext_C.msca_backward(g, u, ws)
+            assert all(torch.isfinite(t).all() for t in [out, *grads]), (u.shape, dt)
+            err = rel_err(out, msca_ref(u.double(), *[w.double() for w in ws]))
+            assert err < (1e-2 if dt == torch.bfloat16 else 1e-4), (u.shape, dt, err)
         print("ok")
     """)
-    env = dict(os.environ, SEGNEXT_POISON="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
 def test_poison_flag_is_handed_to_the_library():
     # SEGNEXT_POISON is read in _env.py and handed to _C when it loads; tests flip it in process.
     from segnext_kernels import _env, _extension
     assert _extension._C.poison() == _env.poison()
-    u, ws, g = make_inputs(1, 5, 7, 9, dtype=torch.float32, fmt=torch.channels_last)
+    u, ws, g = msca_inputs(1, 5, 7, 9, dtype=torch.float32, fmt=torch.channels_last)
     was = _extension._C.poison()
     try:
         _extension.set_poison(True)
@@ -221,7 +176,7 @@ def test_cxx_weight_contract_matches_python():
 def test_deterministic_across_runs_and_threads(shape, threads):
     # Weight gradients are summed per fixed slot of rows and the slots in a fixed order, so
     # results are bitwise equal run to run and for any number of threads.
-    u, ws, g = make_inputs(*shape, dtype=torch.float32, fmt=torch.channels_last)
+    u, ws, g = msca_inputs(*shape, dtype=torch.float32, fmt=torch.channels_last)
     runs = {}
     for nt in (1, 2, 2, 3):
         threads(nt)
@@ -248,11 +203,11 @@ def test_module_path(fmt):
         out = module(u)
     out.backward(g)
     got = [out.detach(), u.grad] + [p.grad for p in module.weights()]
-    assert_close(got, reference(u, module.weights(), g), 1e-4, fmt)
+    check_all_close(NAMES, got, msca_reference(u, module.weights(), g), 1e-4, fmt)
 
 
 def test_bad_input_raises_clear_error():
-    u, ws, _ = make_inputs(1, 4, 5, 5, dtype=torch.float32)
+    u, ws, _ = msca_inputs(1, 4, 5, 5, dtype=torch.float32)
     bad = list(ws)
     bad[2] = torch.zeros(4, 1, 1, 5)  # w0_1 must be (4, 1, 1, 7)
     with pytest.raises(ValueError, match="w0_1"):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import pathlib
 import shutil
@@ -77,7 +78,7 @@ def test_cuda_sources_present():
 # (b) GPU tests
 # ------------------------------------------------------------------------------------------------
 import segnext_kernels as sk  # noqa: E402
-from segnext_kernels.msca.reference import msca_ref, weight_shapes  # noqa: E402
+from utils import msca_inputs, msca_reference, rel_err  # noqa: E402
 
 NAMES = ("u", "w0", "b0", "w0_1", "b0_1", "w0_2", "b0_2", "w1_1", "b1_1", "w1_2", "b1_2",
          "w2_1", "b2_1", "w2_2", "b2_2", "w3", "b3")
@@ -121,23 +122,7 @@ def test_cuda_kernels_are_built():
     assert "cuda" in sk.op_backends()["msca"]
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| (NaN anywhere -> inf)."""
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def make_inputs(B, C, H, W, dtype, fmt, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.randn(B, C, H, W, generator=g)
-    ws = [torch.randn(s, generator=g) * (0.3 if len(s) > 1 else 0.1) for s in weight_shapes(C)]
-    grad = torch.randn(B, C, H, W, generator=g)
-    u = u.to("cuda", dtype).contiguous(memory_format=fmt)
-    grad = grad.to("cuda", dtype).contiguous(memory_format=fmt)
-    ws = [w.to("cuda", dtype).contiguous() for w in ws]
-    return u, ws, grad
+make_inputs = functools.partial(msca_inputs, device="cuda")  # (B, C, H, W, dtype, fmt, seed=0)
 
 
 def run_op(u, ws, grad, backend):
@@ -147,14 +132,6 @@ def run_op(u, ws, grad, backend):
     out = sk.msca(u, *ws, backend=backend)
     out.backward(grad)
     return out.detach(), [u.grad] + [w.grad for w in ws]
-
-
-def run_ref64(u, ws, grad):
-    u64 = u.detach().double().requires_grad_(True)
-    w64 = [w.detach().double().requires_grad_(True) for w in ws]
-    out = msca_ref(u64, *w64)
-    out.backward(grad.double())
-    return out.detach(), [u64.grad] + [w.grad for w in w64]
 
 
 def compare(tag, out, grads, ref_out, ref_grads, tol):
@@ -177,7 +154,7 @@ def test_cuda_matches_reference_sweep(C, dtype, fmt):
             out, grads = run_op(u, ws, grad, "cuda")
             assert out.dtype == dtype and out.shape == u.shape
             assert out.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
-            ref_out, ref_grads = run_ref64(u, ws, grad)
+            ref_out, *ref_grads = msca_reference(u, ws, grad)
             failures += compare(f"H{H} W{W}", out, grads, ref_out, ref_grads, TOL[dtype])
     assert not failures, "\n".join(failures)
 
@@ -191,7 +168,7 @@ def test_cuda_matches_reference_large(shape, dtype):
     """Several tiles per image, the 64x32 forward tile (H >= 64), C over one GEMM tile."""
     u, ws, grad = make_inputs(*shape, dtype, torch.channels_last, seed=7)
     out, grads = run_op(u, ws, grad, "cuda")
-    ref_out, ref_grads = run_ref64(u, ws, grad)
+    ref_out, *ref_grads = msca_reference(u, ws, grad)
     failures = compare("x".join(map(str, shape)), out, grads, ref_out, ref_grads, TOL[dtype])
     assert not failures, "\n".join(failures)
 

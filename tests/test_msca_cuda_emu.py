@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cuda_emu import harness
-from segnext_kernels.msca.reference import msca_ref, weight_shapes
+from utils import msca_inputs, msca_reference, rel_err
 
 pytestmark = pytest.mark.skipif(harness.find_cxx() is None, reason="g++ not found (the harness needs GCC)")
 
@@ -39,33 +39,8 @@ def msca_emu():
     return harness.build_msca()
 
 
-def make_inputs(B, C, H, W, dtype, fmt=torch.contiguous_format, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, C, H, W, generator=g)
-    ws = [torch.randn(s, generator=g) * (0.3 if len(s) > 1 else 0.1) for s in weight_shapes(C)]
-    grad = torch.randn(B, C, H, W, generator=g)
-    return (u.to(dtype).contiguous(memory_format=fmt), [w.to(dtype) for w in ws],
-            grad.to(dtype).contiguous(memory_format=fmt))
-
-
-def reference(u, ws, grad):
-    u64 = u.double().requires_grad_(True)
-    w64 = [w.double().requires_grad_(True) for w in ws]
-    out = msca_ref(u64, *w64)
-    out.backward(grad.double())
-    return out.detach(), [u64.grad] + [w.grad for w in w64]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|; inf if anything is not finite (an unwritten, poisoned value)."""
-    x = x.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def errors_vs_reference(fwd: harness.EmuResult, bwd: harness.EmuResult, u, ws, grad) -> dict:
-    ref_out, ref_grads = reference(u, ws, grad)
+    ref_out, *ref_grads = msca_reference(u, ws, grad)
     errs = {}
     if "out" in fwd.outputs:
         errs["out"] = rel_err(fwd.outputs["out"], ref_out)
@@ -101,7 +76,7 @@ def check_case(exe, u, ws, grad, **kw):
 def test_msca_cuda_kernels_match_reference(msca_emu, shape, dtype):
     # alternate the caller's memory format over the shapes (the kernels always see NHWC)
     fmt = torch.channels_last if list(SHAPES).index(shape) % 2 else torch.contiguous_format
-    check_case(msca_emu, *make_inputs(*SHAPES[shape], dtype, fmt))
+    check_case(msca_emu, *msca_inputs(*SHAPES[shape], dtype, fmt))
 
 
 BF16_PRECISION_GAP = pytest.mark.xfail(
@@ -113,19 +88,19 @@ BF16_PRECISION_GAP = pytest.mark.xfail(
 
 @pytest.mark.parametrize("shape", [pytest.param("2x5x7x33", marks=BF16_PRECISION_GAP), "1x40x1x20"])
 def test_msca_cuda_kernels_bfloat16(msca_emu, shape):
-    check_case(msca_emu, *make_inputs(*SHAPES[shape], torch.bfloat16, torch.channels_last))
+    check_case(msca_emu, *msca_inputs(*SHAPES[shape], torch.bfloat16, torch.channels_last))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 def test_msca_cuda_kernels_unaligned_buffers(msca_emu, dtype):
     """Activations one element past a 16-byte boundary: C % kVec == 0 but the kernels must take
     their scalar path (a vector access there is reported as misaligned)."""
-    check_case(msca_emu, *make_inputs(2, 16, 20, 3, dtype), misalign=True)
+    check_case(msca_emu, *msca_inputs(2, 16, 20, 3, dtype), misalign=True)
 
 
 def test_msca_cuda_fiber_order_does_not_matter(msca_emu):
     """Threads run in reverse order: same bits (no result depends on the schedule)."""
-    u, ws, grad = make_inputs(1, 70, 9, 9, torch.float16)
+    u, ws, grad = msca_inputs(1, 70, 9, 9, torch.float16)
     fwd, bwd = check_case(msca_emu, u, ws, grad, order="reverse")
     fwd0 = harness.run_msca(msca_emu, "fwd", u, ws)
     bwd0 = harness.run_msca(msca_emu, "bwd", u, ws, grad)
@@ -136,12 +111,12 @@ def test_msca_cuda_fiber_order_does_not_matter(msca_emu):
 
 def test_msca_cuda_on_an_a100_shared_memory_budget(msca_emu):
     """sm_80 offers 163 KB of shared memory per block (sm_90: 227 KB): the kernels fit both."""
-    check_case(msca_emu, *make_inputs(1, 8, 66, 9, torch.float32), device="sm_80")
+    check_case(msca_emu, *msca_inputs(1, 8, 66, 9, torch.float32), device="sm_80")
 
 
 def test_msca_cuda_glue_refuses_a_small_shared_memory_device(msca_emu):
     """sm_86 (101 KB per block) cannot hold the 64x32 forward tile: the glue's check refuses."""
-    u, ws, _ = make_inputs(1, 8, 9, 9, torch.float32)
+    u, ws, _ = msca_inputs(1, 8, 9, 9, torch.float32)
     r = harness.run_msca(msca_emu, "fwd", u, ws, device="sm_86")
     assert r.returncode == 5 and "bytes of shared memory per block" in r.report, r.report
 
@@ -149,7 +124,7 @@ def test_msca_cuda_glue_refuses_a_small_shared_memory_device(msca_emu):
 def test_msca_cuda_without_tensor_cores():
     """The SIMT GEMM tile that half types take below sm_80 (SEGNEXT_MSCA_NO_TENSOR_CORES)."""
     exe = harness.build_msca(tag="simt", defines=("SEGNEXT_MSCA_NO_TENSOR_CORES",))
-    check_case(exe, *make_inputs(1, 40, 9, 7, torch.float16))
+    check_case(exe, *msca_inputs(1, 40, 9, 7, torch.float16))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,7 +157,7 @@ OFF_BY_ONE = {
 def test_planted_off_by_one_fails_the_harness(mutation, dtype):
     mutate, op = OFF_BY_ONE[mutation]
     exe = harness.build_msca(mutate, tag=f"obo-{mutation}")
-    u, ws, grad = make_inputs(2, 5, 7, 33, dtype)
+    u, ws, grad = msca_inputs(2, 5, 7, 33, dtype)
     r = harness.run_msca(exe, op, u, ws, grad if op == "bwd" else None)
     clean = harness.EmuResult(0, "", {})
     errs = errors_vs_reference(r if op == "fwd" else clean, r if op == "bwd" else clean, u, ws, grad)
@@ -211,7 +186,7 @@ MISSING_SYNC = {
 def test_missing_syncthreads_is_reported_as_a_race(mutation):
     mutate, op, C = MISSING_SYNC[mutation]
     exe = harness.build_msca(mutate, tag=f"sync-{mutation}")
-    u, ws, grad = make_inputs(1, C, 7, 9, torch.float16)
+    u, ws, grad = msca_inputs(1, C, 7, 9, torch.float16)
     r = harness.run_msca(exe, op, u, ws, grad if op == "bwd" else None)
     assert r.error_counts().get("shared-race", 0) > 0, f"no race reported:\n{r.report}"
     assert r.returncode == 3

@@ -13,9 +13,10 @@ import torch
 
 import segnext_kernels
 from segnext_kernels.msca import triton as mt
-from segnext_kernels.msca.reference import MSCAWeights, msca_ref, weight_shapes
+from segnext_kernels.msca.reference import MSCAWeights, msca_ref
 
 import compile_launches
+from utils import check_close, msca_inputs, msca_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -30,50 +31,24 @@ def _poison(monkeypatch):
     monkeypatch.setattr(mt, "TILES", {})
 
 
-def make_inputs(B, C, H, W, dtype=torch.float32, channels_last=False, device=DEV, scale=0.3):
-    u = torch.randn(B, C, H, W)
-    g = torch.randn(B, C, H, W)
-    ws = [torch.randn(s) * scale for s in weight_shapes(C)]
+def make_inputs(B, C, H, W, dtype=torch.float32, channels_last=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    u = u.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-    g = g.to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-    ws = [w.to(device=device, dtype=dtype) for w in ws]
-    return u, ws, g
-
-
-def reference(u, ws, g):
-    """Forward and all 17 gradients in float64 from the (already rounded) inputs."""
-    ud = u.detach().double().requires_grad_()
-    wd = [w.detach().double().requires_grad_() for w in ws]
-    out = msca_ref(ud, *wd)
-    grads = torch.autograd.grad(out, [ud] + wd, g.double())
-    return out.detach(), grads
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def check(name, x, ref, tol):
-    assert x.shape == ref.shape, name
-    assert torch.isfinite(x).all(), f"{name}: non-finite values (an element was not written?)"
-    err = rel_err(x, ref)
-    assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+    return msca_inputs(B, C, H, W, dtype, fmt, device=DEV)
 
 
 def check_kernels(u, ws, g):
     """msca_forward and msca_backward against the reference; layouts and dtypes of the results."""
     tol = TOL[u.dtype]
-    ref_out, ref_grads = reference(u, ws, g)
+    ref_out, *ref_grads = msca_reference(u, ws, g)
     out = mt.msca_forward(u, *ws)
     assert out.dtype == u.dtype and out.stride() == u.stride()
-    check("out", out, ref_out, tol)
+    check_close("out", out, ref_out, tol)
     grads = mt.msca_backward(g, u, *ws)
     assert len(grads) == 17
     assert grads[0].stride() == u.stride()
     for name, x, like, r in zip(GRAD_NAMES, grads, [u] + ws, ref_grads):
         assert x.dtype == like.dtype and x.shape == like.shape, name
-        check(f"grad {name}", x, r, tol)
+        check_close(f"grad {name}", x, r, tol)
     return grads
 
 
@@ -141,10 +116,10 @@ def test_non_standard_strides():
     """A u that is neither contiguous nor channels_last still gives the right answer."""
     u, ws, g = make_inputs(1, 3, 4, 6)
     u_odd = u.transpose(2, 3).contiguous().transpose(2, 3)   # W-major pixels
-    ref_out, _ = reference(u, ws, g)
+    ref_out = msca_reference(u, ws, g)[0]
     out = mt.msca_forward(u_odd, *ws)
     assert out.stride() == torch.empty_like(u_odd).stride()
-    check("out", out, ref_out, 1e-4)
+    check_close("out", out, ref_out, 1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,16 +127,16 @@ def test_non_standard_strides():
 # --------------------------------------------------------------------------------------------
 def test_public_functional_and_autograd():
     u, ws, g = make_inputs(1, 4, 5, 6, channels_last=True)
-    ref_out, ref_grads = reference(u, ws, g)
+    ref_out, *ref_grads = msca_reference(u, ws, g)
     ut = u.clone().requires_grad_()
     wt = [w.clone().requires_grad_() for w in ws]
     with segnext_kernels.use_backend("triton"):
         out = segnext_kernels.msca(ut, *wt)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    check("out", out.detach(), ref_out, 1e-4)
+    check_close("out", out.detach(), ref_out, 1e-4)
     out.backward(g)
     for name, t, r in zip(GRAD_NAMES, [ut] + wt, ref_grads):
-        check(f"grad {name}", t.grad, r, 1e-4)
+        check_close(f"grad {name}", t.grad, r, 1e-4)
 
 
 def test_public_module():
@@ -171,14 +146,14 @@ def test_public_module():
     ref = msca_ref(u.double(), *[p.double() for p in m.weights()])
     with segnext_kernels.use_backend("triton"):
         out = m(u)
-    check("out", out.detach(), ref.detach(), 1e-4)
+    check_close("out", out.detach(), ref.detach(), 1e-4)
     out.square().sum().backward()
     ud = u.detach().double().requires_grad_()
     wd = [p.detach().double().requires_grad_() for p in m.weights()]
     msca_ref(ud, *wd).square().sum().backward()
-    check("grad u", u.grad, ud.grad, 1e-4)
+    check_close("grad u", u.grad, ud.grad, 1e-4)
     for p, r in zip(m.weights(), wd):
-        check("grad param", p.grad, r.grad, 1e-4)
+        check_close("grad param", p.grad, r.grad, 1e-4)
 
 
 def test_opcheck():
@@ -211,14 +186,14 @@ def test_torch_compile_fullgraph():
     out = compiled(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     ref = msca_ref(x.double(), *[p.double() for p in m.weights()]) + x.double()
-    check("compiled out", out.detach(), ref.detach(), 1e-4)
+    check_close("compiled out", out.detach(), ref.detach(), 1e-4)
     out.sum().backward()
     xd = x.detach().double().requires_grad_()
     wd = [p.detach().double().requires_grad_() for p in m.weights()]
     (msca_ref(xd, *wd) + xd).sum().backward()
-    check("compiled grad x", x.grad, xd.grad, 1e-4)
+    check_close("compiled grad x", x.grad, xd.grad, 1e-4)
     for p, r in zip(m.weights(), wd):
-        check("compiled grad param", p.grad, r.grad, 1e-4)
+        check_close("compiled grad param", p.grad, r.grad, 1e-4)
 
 
 def test_saved_for_backward_is_only_u():
@@ -270,7 +245,7 @@ def test_gpu_default_tiles(shape, dtype, cl):
 @pytest.mark.gpu
 def test_gpu_public_api_bf16():
     u, ws, g = make_inputs(2, 32, 17, 23, torch.bfloat16, channels_last=True)
-    ref_out, _ = reference(u, ws, g)
+    ref_out = msca_reference(u, ws, g)[0]
     with segnext_kernels.use_backend("triton"):
         out = segnext_kernels.msca(u, *ws)
-    check("out", out, ref_out, 1e-2)
+    check_close("out", out, ref_out, 1e-2)

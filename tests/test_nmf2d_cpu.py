@@ -5,22 +5,17 @@ both memory formats, float32 / float64 and half-precision inputs, 1-3 threads (b
 poisoned outputs and scratch, the non-negativity check, bad arguments, the functional and the
 model's head routed to it (the dispatch counter proves it ran), torch.compile and opcheck.
 """
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import segnext_kernels as sk
 from segnext_kernels.nmf2d.reference import nmf_decompose_ref
+from utils import FORMATS, rel_err, run_poisoned
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.op_backends().get("nmf2d", ()),
                                 reason="segnext_kernels._C has no CPU NMF kernel: "
                                        + sk.available_backends()["cpu"].reason)
 
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (B, C, H, W, S, R, steps)
 SHAPES = [(1, 16, 8, 8, 1, 4, 7), (2, 33, 5, 7, 1, 20, 3), (1, 12, 3, 3, 2, 5, 7),
           (2, 8, 1, 1, 1, 3, 1), (1, 6, 4, 4, 3, 2, 0), (1, 40, 13, 11, 2, 17, 2),
@@ -38,10 +33,6 @@ def reference(x, bases, S, steps):
     B, C, H, W = x.shape
     X = x.double().reshape(B * S, C // S, H * W)
     return nmf_decompose_ref(X, bases.double(), steps).reshape(B, C, H, W)
-
-
-def rel_err(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("nthreads", [1, 2])
@@ -94,7 +85,7 @@ def test_bitwise_identical_across_threads(threads):
 
 def test_poisoned_outputs_are_overwritten():
     # SEGNEXT_POISON=1 (in a fresh interpreter): the output and the coef state start as NaN.
-    script = textwrap.dedent("""
+    run_poisoned("""
         import torch, segnext_kernels as sk
         from segnext_kernels.nmf2d.reference import nmf_decompose_ref
         torch.manual_seed(0)
@@ -111,10 +102,6 @@ def test_poisoned_outputs_are_overwritten():
                 assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
         print("ok")
     """)
-    env = dict(os.environ, SEGNEXT_POISON="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])

@@ -1,32 +1,18 @@
-"""NMF2D reference: against a step-by-step transcription of the official algorithm, gradcheck in
-both gradient modes, module behaviour, reproducibility and input validation."""
+"""NMF2D reference: against the official algorithm (as tests/official_segnext.py transcribes it),
+gradcheck in both gradient modes, module behaviour, reproducibility and input validation."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import segnext_kernels as sk
+from official_segnext import NMF2D as OfficialNMF2D
 
 
-def official_nmf2d(x, bases, S, steps, inv_t=1.0):
-    """Transcription of mmseg's Matrix_Decomposition_2D_Base.forward + NMF2D (docs/nmf.md#algorithm), bases given."""
-    B, C, H, W = x.shape
-    D = C // S
-    N = H * W
-    x = x.view(B * S, D, N)
-    coef = torch.bmm(x.transpose(1, 2), bases)
-    coef = F.softmax(inv_t * coef, dim=-1)
-    for _ in range(steps):  # local_step
-        numerator = torch.bmm(x.transpose(1, 2), bases)
-        denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
-        coef = coef * numerator / (denominator + 1e-6)
-        numerator = torch.bmm(x, coef)
-        denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))
-        bases = bases * numerator / (denominator + 1e-6)
-    numerator = torch.bmm(x.transpose(1, 2), bases)  # compute_coef
-    denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))
-    coef = coef * numerator / (denominator + 1e-6)
-    x = torch.bmm(bases, coef.transpose(1, 2))
-    return x.view(B, C, H, W)
+def official_nmf2d(x, bases, S, steps):
+    """mmseg's NMF2D as tests/official_segnext.py transcribes it (docs/nmf.md#algorithm), with the
+    bases given instead of drawn."""
+    nmf = OfficialNMF2D(S=S, R=bases.shape[-1], eval_steps=steps).eval()
+    nmf._build_bases = lambda *args, **kwargs: bases
+    return nmf(x)
 
 
 @pytest.mark.parametrize("B,C,H,W,S,R,steps", [(2, 16, 5, 7, 1, 4, 6), (1, 12, 3, 3, 2, 5, 7),

@@ -22,6 +22,7 @@ from segnext_kernels.nmf2d.reference import draw_bases, nmf_decompose_ref
 from segnext_kernels.ops import nmf2d_op
 
 import compile_launches
+from utils import output_and_grads, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -29,20 +30,10 @@ GRADS = ("unrolled", "one_step")
 TOL32 = 1e-4
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    scale = ref.abs().max().item()
-    diff = (got - ref).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
 def reference(X, bases, steps, grad, gY, eps=1e-6, inv_t=1.0, dtype=torch.float64):
-    """(Y, dX, dbases or None) of the reference computed in ``dtype``."""
-    Xr = X.detach().to(dtype).requires_grad_()
-    Br = bases.detach().to(dtype).requires_grad_()
-    Y = nmf_decompose_ref(Xr, Br, steps, eps, inv_t, grad)
-    dX, dB = torch.autograd.grad(Y, (Xr, Br), gY.to(dtype), allow_unused=True)
-    return Y, dX, dB
+    """[Y, dX, dbases or None] of the reference computed in ``dtype``."""
+    return output_and_grads(lambda x, b: nmf_decompose_ref(x, b, steps, eps, inv_t, grad),
+                            [X, bases], gY, dtype, allow_unused=True)
 
 
 def check(name, got, X, bases, steps, grad, gY, **kw):

@@ -1,5 +1,5 @@
 """patch()/unpatch() on models written independently of ours, with the official attribute names
-(bench/official_segnext.py: the official SegNeXt restated without mmcv)."""
+(tests/official_segnext.py: the official SegNeXt restated without mmcv)."""
 import copy
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 
 import segnext_kernels as sk
 # The official MSCA, MLP (both spellings) and mmseg NMF2D, written independently of segnext_kernels
-from bench.official_segnext import AttentionModule, DWConv, Mlp, NMF2D
+from official_segnext import AttentionModule, DWConv, Mlp, NMF2D
 
 
 class Net(nn.Module):
@@ -80,7 +80,7 @@ def test_non_matching_modules_are_left_alone():
 
 
 # --------------------------------------------------------------------------------------------
-# The MSCAN MLP, written out independently in both official spellings (bench/official_segnext.py)
+# The MSCAN MLP, written out independently in both official spellings (tests/official_segnext.py)
 # --------------------------------------------------------------------------------------------
 def _randomize(net):
     with torch.no_grad():
@@ -170,10 +170,10 @@ def test_patch_leaves_mlp_variants_with_more_state_alone():
 
 # ---------------------------------------------------------------------------------------------
 # The drop-in claim on a whole model written as the official code writes it
-# (bench/official_segnext.py): patch() keeps its outputs and its training steps.
+# (tests/official_segnext.py): patch() keeps its outputs and its training steps.
 
 def _official_pair(train):
-    from bench.official_segnext import OfficialSegNeXt
+    from official_segnext import OfficialSegNeXt
     torch.manual_seed(0)
     official = OfficialSegNeXt("t", num_classes=5).train(train)
     patched = copy.deepcopy(official)

@@ -108,35 +108,23 @@ constexpr int warpSize = 32;
 // Runtime API (the part kernels' host code calls)
 // ------------------------------------------------------------------------------------------------
 enum cudaError_t : int {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDeviceFunction = 98,
-  cudaErrorLaunchOutOfResources = 701,
-  cudaErrorLaunchFailure = 719,
+  cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9, cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorLaunchOutOfResources = 701, cudaErrorLaunchFailure = 719,
 };
 typedef cudaError_t cudaError;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute : int {
-  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
-  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8, cudaFuncAttributePreferredSharedMemoryCarveout = 9,
 };
 enum cudaDeviceAttr : int {
-  cudaDevAttrMaxThreadsPerBlock = 1,
-  cudaDevAttrMaxSharedMemoryPerBlock = 8,
-  cudaDevAttrWarpSize = 10,
-  cudaDevAttrMultiProcessorCount = 16,
-  cudaDevAttrComputeCapabilityMajor = 75,
-  cudaDevAttrComputeCapabilityMinor = 76,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMaxSharedMemoryPerBlock = 8, cudaDevAttrWarpSize = 10,
+  cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaMemcpyKind : int {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-  cudaMemcpyDefault = 4,
+  cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4,
 };
 
 namespace cuda_emu {
@@ -449,23 +437,20 @@ inline uint16_t float_to_bf16_bits(float f) {
 inline float bf16_bits_to_float(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
 }  // namespace cuda_emu
 
-struct alignas(2) __half {
-  uint16_t __x;
-  __half() = default;
-  __half(float f) : __x(cuda_emu::float_to_half_bits(f)) {}
-  __half(double f) : __x(cuda_emu::float_to_half_bits(static_cast<float>(f))) {}
-  __half(int i) : __x(cuda_emu::float_to_half_bits(static_cast<float>(i))) {}
-  operator float() const { return cuda_emu::half_bits_to_float(__x); }
-};
+// A 16-bit float kept as its bits (__x, as cuda_fp16.h / cuda_bf16.h keep it), converted through
+// float by cuda_emu::TO_BITS and cuda_emu::FROM_BITS.
+#define CUDA_EMU_FLOAT16(T, TO_BITS, FROM_BITS)                                \
+  struct alignas(2) T {                                                        \
+    uint16_t __x;                                                              \
+    T() = default;                                                             \
+    T(float f) : __x(cuda_emu::TO_BITS(f)) {}                                  \
+    T(double f) : __x(cuda_emu::TO_BITS(static_cast<float>(f))) {}            \
+    T(int i) : __x(cuda_emu::TO_BITS(static_cast<float>(i))) {}               \
+    operator float() const { return cuda_emu::FROM_BITS(__x); }                \
+  };
+CUDA_EMU_FLOAT16(__half, float_to_half_bits, half_bits_to_float)
 CUDA_EMU_VECTOR2(__half2, __half)
-struct alignas(2) __nv_bfloat16 {
-  uint16_t __x;
-  __nv_bfloat16() = default;
-  __nv_bfloat16(float f) : __x(cuda_emu::float_to_bf16_bits(f)) {}
-  __nv_bfloat16(double f) : __x(cuda_emu::float_to_bf16_bits(static_cast<float>(f))) {}
-  __nv_bfloat16(int i) : __x(cuda_emu::float_to_bf16_bits(static_cast<float>(i))) {}
-  operator float() const { return cuda_emu::bf16_bits_to_float(__x); }
-};
+CUDA_EMU_FLOAT16(__nv_bfloat16, float_to_bf16_bits, bf16_bits_to_float)
 CUDA_EMU_VECTOR2(__nv_bfloat162, __nv_bfloat16)
 typedef __half half;
 typedef __half2 half2;

@@ -273,18 +273,23 @@ bool check_granule(Shadow& s, bool write, bool device, std::string (*describe)(u
   const bool other_block_writer =
       device && s.w_phase >= g_launch_first_phase && s.w_phase < g_block_first_phase;
   const Kind race = device ? kGlobalRace : kSharedRace;
-  if (!write) {
+  // The last write was by another thread in this barrier interval, or by another block of this
+  // launch: `access` ("read of", "write of") names this access, `written` the earlier one.
+  const auto report_writer = [&](const char* access, const char* written, const char* note) {
     if (same_phase_other_writer) {
       report_lazy(race, [&] {
-        return "read of " + describe(addr, n) + " written by thread " + fmt_idx(thread_idx_of(s.w_tid)) +
-               " in the same barrier interval (no __syncthreads between them)";
+        return access + (" " + describe(addr, n)) + " " + written + " by thread " +
+               fmt_idx(thread_idx_of(s.w_tid)) + " in the same barrier interval" + note;
       });
     } else if (other_block_writer) {
       report_lazy(race, [&] {
-        return "read of " + describe(addr, n) + " written by block " + fmt_idx(block_of_phase(s.w_phase)) +
-               " of the same launch";
+        return access + (" " + describe(addr, n)) + " " + written + " by block " +
+               fmt_idx(block_of_phase(s.w_phase)) + " of the same launch";
       });
     }
+  };
+  if (!write) {
+    report_writer("read of", "written", " (no __syncthreads between them)");
     if (s.r_phase == g_phase) {
       if (s.r_tid != t) s.r_tid = kManyReaders;
     } else {
@@ -294,17 +299,7 @@ bool check_granule(Shadow& s, bool write, bool device, std::string (*describe)(u
     }
     return s.w_phase != 0 && (device || s.w_phase >= g_block_first_phase);
   }
-  if (same_phase_other_writer) {
-    report_lazy(race, [&] {
-      return "write of " + describe(addr, n) + " also written by thread " + fmt_idx(thread_idx_of(s.w_tid)) +
-             " in the same barrier interval";
-    });
-  } else if (other_block_writer) {
-    report_lazy(race, [&] {
-      return "write of " + describe(addr, n) + " also written by block " + fmt_idx(block_of_phase(s.w_phase)) +
-             " of the same launch";
-    });
-  }
+  report_writer("write of", "also written", "");
   if (s.r_phase == g_phase && s.r_tid != t) {
     report_lazy(race, [&] {
       return "write of " + describe(addr, n) + " read by " +

@@ -53,30 +53,20 @@ class TranslateError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Translation: CUDA syntax -> calls of the emulation runtime (line numbers kept)
 # ------------------------------------------------------------------------------------------------
-def _match_back(text: str, end: int, open_ch: str, close_ch: str) -> int:
-    """Index of the ``open_ch`` matching the ``close_ch`` at text[end]."""
+def _matching(text: str, at: int, open_ch: str, close_ch: str, step: int) -> int:
+    """Index of the bracket matching the one at text[at]: an ``open_ch`` matched forward
+    (``step`` 1) or a ``close_ch`` matched back (``step`` -1)."""
+    same, other = (open_ch, close_ch) if step == 1 else (close_ch, open_ch)
     depth = 0
-    for i in range(end, -1, -1):
-        if text[i] == close_ch:
+    for i in range(at, len(text) if step == 1 else -1, step):
+        if text[i] == same:
             depth += 1
-        elif text[i] == open_ch:
+        elif text[i] == other:
             depth -= 1
             if depth == 0:
                 return i
-    raise TranslateError(f"unbalanced {open_ch}{close_ch} before offset {end}")
-
-
-def _match_forward(text: str, start: int, open_ch: str, close_ch: str) -> int:
-    """Index of the ``close_ch`` matching the ``open_ch`` at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == open_ch:
-            depth += 1
-        elif text[i] == close_ch:
-            depth -= 1
-            if depth == 0:
-                return i
-    raise TranslateError(f"unbalanced {open_ch}{close_ch} after offset {start}")
+    where = "after" if step == 1 else "before"
+    raise TranslateError(f"unbalanced {open_ch}{close_ch} {where} offset {at}")
 
 
 def _callee_start(text: str, end: int) -> int:
@@ -86,7 +76,7 @@ def _callee_start(text: str, end: int) -> int:
     while i > 0 and text[i - 1].isspace():
         i -= 1
     if text[i - 1] == ">":
-        i = _match_back(text, i - 1, "<", ">")
+        i = _matching(text, i - 1, "<", ">", -1)
     while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
         i -= 1
     if i == end:
@@ -109,7 +99,7 @@ def _rewrite_launches(text: str) -> str:
             paren += 1
         if text[paren] != "(":
             raise TranslateError(f"kernel launch without an argument list at offset {k}")
-        end = _match_forward(text, paren, "(", ")")
+        end = _matching(text, paren, "(", ")", 1)
         callee = text[start:k].strip()
         config, args = text[k + 3:close], text[paren + 1:end]
         sep = ", " if args.strip() else ""

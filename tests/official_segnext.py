@@ -5,9 +5,11 @@ with the ``DWConv`` wrapper, BN pre-norm blocks with layer scales, ``LightHamHea
 ConvModule-shaped children (``conv``/``gn``) and an mmseg-1.x-style ``NMF2D`` (bases drawn on the
 input's device). Its ``state_dict`` keys are the official checkpoint keys.
 
-It is the "training code written for the official SegNeXt" of the drop-in claim: the ``patch``
-benchmark level times it as is and after ``segnext_kernels.patch(model)``, and the tests check
-that patching keeps its outputs and its training steps.
+It is the "training code written for the official SegNeXt" of the drop-in claim: the tests
+check that patching keeps its outputs and its training steps (tests/test_patch.py) and that the
+NMF reference is its algorithm (tests/test_nmf2d_reference.py); the ``patch`` benchmark level
+(bench/bench_patch.py, which loads this file by its path) times it as is and after
+``segnext_kernels.patch(model)``.
 """
 from __future__ import annotations
 
