@@ -4,7 +4,7 @@ the repository root (the package is not installed).
 One module per benchmarked op or level, as Liger-Kernel lays its benchmarks out:
 ``bench_strip_conv`` (one depthwise strip conv), ``bench_msca`` (the whole MSCA, and its saved
 bytes), ``bench_dwconv_gelu`` (the MLP's depthwise 3x3 + GELU), ``bench_mlp`` (the whole MLP),
-``bench_nmf`` (the NMF2D decomposition), ``bench_block`` (one MSCAN block), ``bench_model``
+``bench_nmf2d`` (the NMF2D decomposition), ``bench_block`` (one MSCAN block), ``bench_model``
 (SegNeXt-T/B inference and training step, and its memory), ``bench_patch`` (the official-layout
 SegNeXt as is and patched), ``bench_deploy`` (CPU inference against deployment runtimes).
 Shared pieces: ``timing`` (timers), ``roofline`` (measured ceilings, cost models, floors),

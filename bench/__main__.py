@@ -139,14 +139,14 @@ def make_config(args: argparse.Namespace) -> Config:
 def build_cases(cfg: Config):
     """{level: (cases, notes)}; a module that fails to build its cases leaves a note."""
     from . import (bench_block, bench_deploy, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca,
-                   bench_nmf, bench_patch, bench_strip_conv)
+                   bench_nmf2d, bench_patch, bench_strip_conv)
 
     builders = {
         "strip": [bench_strip_conv.cases],
         "msca": [bench_msca.cases],
         "dwconv_gelu": [bench_dwconv_gelu.cases],
         "mlp": [bench_mlp.cases],
-        "nmf": [bench_nmf.cases],
+        "nmf": [bench_nmf2d.cases],
         "block": [bench_block.cases],
         "model": [bench_model.cases],
         "patch": [bench_patch.cases],

@@ -17,6 +17,7 @@ from .dispatch import Kernel, Problem, register
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 _CROSSOVER = "bench/results/crossover_cpu_zen5.md"  # fused vs eager at every SegNeXt op shape
+_AUTO_CHECK = "bench/results/auto_cpu_zen5.md"  # auto vs the best eager layout, wall time
 
 
 def _cxx_kernel(op: str, dispatch_key: str) -> bool:
@@ -55,8 +56,16 @@ def _msca_cuda_limits(p: Problem):
     return None
 
 
+def _msca_cpu_faster(p: Problem) -> bool:
+    # Everywhere but channels-last inference on a map of 16x16 or less with 512 channels or
+    # more (SegNeXt-S/B/L's last stage), where oneDNN's 1x1 conv over so few pixels beats the
+    # fused kernel's GEMM in wall time on two threads.
+    return not (p.layout == "channels_last" and not p.grad
+                and p.shape[2] * p.shape[3] <= 16 * 16 and p.shape[1] >= 512)
+
+
 register(Kernel("msca", "cpu", (F32, F16, BF16, F64), present=_cxx_kernel("msca_forward", "CPU"),
-                note=_CROSSOVER))
+                faster=_msca_cpu_faster, note=_AUTO_CHECK))
 register(Kernel("msca", "triton", (F32, F16, BF16), limits=_msca_triton_limits,
                 device_limits=_triton_device_limits))
 register(Kernel("msca", "cuda", (F32, F16, BF16), present=_cxx_kernel("msca_forward", "CUDA"),

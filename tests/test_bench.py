@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from bench import (bench_block, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca, bench_nmf,
-                   bench_strip_conv, roofline)
+from bench import (bench_block, bench_dwconv_gelu, bench_mlp, bench_model, bench_msca,
+                   bench_nmf2d, bench_strip_conv, roofline)
 from bench.__main__ import main
 from bench.runner import LEVELS, Case, Config, Progress, Runner, Variant
 from utils import ignore_mmseg_warnings, one_line_error
@@ -210,8 +210,8 @@ def _bench_params():
                  dtype=torch.float16 if HAS_CUDA else torch.float32, size="quick",
                  interpret=os.environ.get("TRITON_INTERPRET") == "1")
     params = []
-    for module in (bench_strip_conv, bench_msca, bench_dwconv_gelu, bench_mlp, bench_nmf, bench_block,
-                   bench_model):
+    for module in (bench_strip_conv, bench_msca, bench_dwconv_gelu, bench_mlp, bench_nmf2d,
+                   bench_block, bench_model):
         try:
             cases, _ = module.cases(cfg)
         except Exception:  # noqa: BLE001 - a level that cannot be built is not collected

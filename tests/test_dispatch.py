@@ -238,6 +238,25 @@ def test_auto_picks_the_cpu_msca_and_records_it():
 
 
 @needs_cpu
+def test_auto_msca_rule_on_tiny_maps_with_many_channels():
+    # channels-last inference at <= 16x16 with >= 512 channels: the reference (kernels.py);
+    # NCHW, training, or fewer channels there: fused
+    def run(C, H, layout, grad):
+        u = torch.randn(1, C, H, H).contiguous(memory_format=layout).requires_grad_(grad)
+        ws = [torch.randn(s) * 0.1 for s in weight_shapes(C)]
+        with sk.record_kernels() as ran:
+            with torch.set_grad_enabled(grad):
+                sk.msca(u, *ws)
+        return set(ran)
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    assert run(512, 16, cl, False) == {("msca", "reference")}
+    assert run(512, 16, nchw, False) == {("msca", "cpu")}
+    assert run(512, 16, cl, True) == {("msca", "cpu")}
+    assert run(256, 16, cl, False) == {("msca", "cpu")}
+    assert run(512, 17, cl, False) == {("msca", "cpu")}
+
+
+@needs_cpu
 def test_auto_takes_the_fused_mlp_for_inference_and_not_with_a_gradient():
     # The fused MLP is faster than eager at every SegNeXt stage (kernels.py): auto takes it for
     # inference at any size and layout; it has no backward, so a gradient runs fc1 -> dwconv_gelu -> fc2.
