@@ -3,8 +3,8 @@ what was expected (command lines: one line, exit status 2, no traceback), loses 
 is untouched by a refused checkpoint, a training never saves broken weights), and never hangs,
 crashes or answers wrongly in silence.
 
-Sections follow the findings of issue 16: checkpoints, mixed devices in the ops, training,
-images of any bit depth, NMF arguments, and the rest of the public functions and command lines.
+Sections: checkpoints, mixed devices in the ops, training, images of any bit depth, NMF
+arguments, and the rest of the public functions and command lines.
 Everything here is small: SegNeXt-T is built a few times and trained once for two iterations.
 """
 import contextlib
